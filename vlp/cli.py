@@ -1,0 +1,296 @@
+"""The ``vlp`` console script.
+
+Each subcommand parses its own arguments here and imports the module that does the work
+only when it runs, so ``vlp --help`` answers without importing torch, DeepSpeed or
+transformers. Expected failures (a bad recipe, a missing file, bad input data) print one
+line ``vlp <command>: error: <reason>`` and exit with status 2; set ``VLP_DEBUG=1`` to get
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+EPILOG = "Docs: README.md and docs/architecture.md. VLP_DEBUG=1 shows tracebacks."
+
+
+class UserError(Exception):
+    """An error caused by the user's input, reported without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``vlp pretrain: error: <reason> (see --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from vlp.training.trainer import pretrain
+
+    pretrain(args.recipe, overrides=args.set, run_dir=args.run_dir, resume=args.resume)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from vlp.training.submit import submit
+
+    submit(
+        args.recipe,
+        overrides=args.set,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        partition=args.partition,
+        account=args.account,
+        time_min=args.time,
+        run_dir=args.run_dir,
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vlp.training.export import export
+
+    export(args.run_dir, out=args.out, step=args.step)
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from vlp.data.convert import main as convert_main
+
+    return convert_main(args.converter_args)
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from vlp.data.phantom import PhantomConfig, generate, write_preview
+
+    if args.out is None and args.preview is None:
+        raise UserError("give --out DIR (generate a dataset) and/or --preview PNG")
+    config = PhantomConfig(
+        patients=args.patients, seed=args.seed, image_size=args.image_size, workers=args.workers
+    )
+    if args.out is not None:
+        summary = generate(args.out, config)
+        print(
+            f"phantom: wrote {summary.get('studies', '?')} studies of {summary.get('patients', '?')} patients to {args.out}"
+        )
+    if args.preview is not None:
+        source = args.out if args.out is not None else config
+        write_preview(source, args.preview)
+        print(f"phantom: preview written to {args.preview}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vlp.evaluation import run_evaluator
+
+    run_evaluator(args.task, args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlp.demo import run_demo
+
+    run_demo(out=args.out, minutes=args.minutes, tiny=args.tiny)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parsers
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/local_mi.yaml")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value by its dotted key, typed by the schema (repeatable), "
+        "e.g. --set train.steps=100 --set optim.lr=1e-4",
+    )
+    parser.add_argument(
+        "--run-dir", default=None, help="run directory (default: runs/<recipe name>)"
+    )
+
+
+EVAL_TASKS = ("zero-shot", "linear-probe", "retrieval", "edema", "grounding", "temporal")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="vlp",
+        description="Vision-language pretraining for chest radiographs and reports: "
+        "convert data to WebDataset shards, pretrain with DeepSpeed, evaluate.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"vlp {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a model from a recipe (one process, torchrun or Slurm srun)",
+        description="Pretrain from a recipe under DeepSpeed. Launch mode (single process, "
+        "torchrun, Slurm srun) is detected from the environment. A recipe without data "
+        "paths trains on phantom shards generated into a cache on first use.",
+        epilog=EPILOG,
+    )
+    _add_recipe_args(p)
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' continues from the newest completed step-N/ checkpoint of the run "
+        "directory; a path resumes from that checkpoint",
+    )
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "submit",
+        help="submit a pretraining job to Slurm via submitit (checkpoint and requeue on timeout)",
+        description="Submit `vlp pretrain RECIPE` to Slurm through submitit, one task per GPU.",
+        epilog=EPILOG,
+    )
+    _add_recipe_args(p)
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=1, help="GPUs (= tasks) per node (default 1)"
+    )
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--account", default=None, help="Slurm account")
+    p.add_argument("--time", type=int, default=60 * 24, help="time limit in minutes (default 1440)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "export",
+        help="consolidate a run's sharded checkpoint into model.safetensors + config.yaml",
+        description="Consolidate the newest (or --step) DeepSpeed checkpoint of RUN_DIR into "
+        "one model.safetensors and config.yaml that the evaluators load without DeepSpeed.",
+        epilog=EPILOG,
+    )
+    p.add_argument("run_dir", help="run directory written by vlp pretrain")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "shards",
+        help="convert MIMIC-CXR-JPG, IU X-ray or a CSV table to WebDataset shards",
+        description="Same as `python tools/make_shards.py`: subcommands mimic, iu, csv. "
+        "Run `vlp shards mimic --help` for the options of one adapter.",
+        epilog=EPILOG,
+        add_help=False,
+    )
+    p.add_argument(
+        "converter_args", nargs=argparse.REMAINDER, help="arguments of tools/make_shards.py"
+    )
+    p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser(
+        "phantom",
+        help="generate the built-in phantom dataset (MIMIC-CXR-JPG layout, exact ground truth)",
+        description="Generate phantom chest radiographs and reports with exact labels, boxes "
+        "and progression, laid out like MIMIC-CXR-JPG so tools/make_shards.py mimic reads it.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--patients", type=int, default=200, help="number of patients (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--image-size", type=int, default=512, help="long side in pixels (default 512)")
+    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--preview", default=None, metavar="PNG", help="write a preview grid of studies")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: " + ", ".join(EVAL_TASKS),
+        description="Evaluate an exported checkpoint (or run directory) on shards.",
+        epilog=EPILOG,
+    )
+    p.add_argument("task", choices=EVAL_TASKS, help="which evaluation")
+    p.add_argument("--checkpoint", required=True, help="export folder or run directory")
+    p.add_argument(
+        "--data", required=True, help="shards: manifest.json, its folder, or a brace pattern"
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder for results.json, results.md, figures"
+    )
+    p.add_argument("--figures", action="store_true", help="also write PNG figures")
+    p.add_argument(
+        "--train-data", default=None, help="training split for probes (default: sibling train/)"
+    )
+    p.add_argument(
+        "--prompts", default=None, help="prompt YAML for zero-shot (default: shipped prompts)"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
+    p.add_argument(
+        "--finetune", action="store_true", help="linear-probe: tune the encoder end to end"
+    )
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole path on phantom data: generate, convert, pretrain, evaluate, report",
+        description="Generate a phantom dataset, convert it to shards, pretrain the local-MI "
+        "recipe under DeepSpeed and evaluate it; writes DIR/report.md with tables and figures.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument(
+        "--minutes", type=float, default=10.0, help="time budget in minutes (default 10)"
+    )
+    p.add_argument("--tiny", action="store_true", help="a minimal run for tests (about a minute)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vlp")
+    except Exception:
+        return "unknown"
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [UserError, FileNotFoundError]
+    from vlp.config.loader import ConfigError
+
+    errors.append(ConfigError)
+    try:
+        from vlp.data.convert import InputError  # noqa: F401  (optional: defined by the converter)
+
+        errors.append(InputError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"vlp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("VLP_DEBUG") or not isinstance(err, _expected_errors()):
+            raise
+        print(f"vlp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The shard sample schema: the contract between converters, the phantom and the loader.
+
+One WebDataset sample is one *study*. Its members are:
+
+``__key__``
+    ``p{subject_id}-s{study_id}``.
+``frontal.jpg`` / ``lateral.jpg``
+    Grayscale JPEGs, long side resized to the converter's ``--image-size``.
+    ``lateral.jpg`` is absent when the study has no lateral view.
+``prior{k}.frontal.jpg`` / ``prior{k}.lateral.jpg`` (k = 1..K)
+    Earlier studies of the same subject, ``prior1`` the most recent.
+``json``
+    The study record described by :data:`JSON_FIELDS` (UTF-8 JSON, no pickle).
+``txt``
+    The training text (impression + findings), so that generic WebDataset
+    tools (open_clip's trainer among them) can read the shards.
+
+Boxes are stored in the pixel coordinates of the *stored* (resized) image.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+#: CheXpert's 14 observations, in the column order of mimic-cxr-2.0.0-chexpert.csv.
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+)
+
+#: Findings with MS-CXR-T style progression labels.
+PROGRESSION_FINDINGS: tuple[str, ...] = (
+    "consolidation",
+    "edema",
+    "pleural_effusion",
+    "pneumonia",
+    "pneumothorax",
+)
+PROGRESSION_CLASSES: tuple[str, ...] = ("improving", "stable", "worsening")
+
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
+LATERAL_VIEWS = frozenset({"LATERAL", "LL"})
+SPLITS: tuple[str, ...] = ("train", "validate", "test")
+
+#: Image members of a sample; prior members are ``prior{k}.`` + one of these.
+VIEW_MEMBERS = ("frontal.jpg", "lateral.jpg")
+
+#: Members a shard may contain. Anything else (notably ``.pyd``/``.pickle``) is rejected.
+ALLOWED_SUFFIXES = ("jpg", "json", "txt")
+
+#: Fields of the ``json`` member (documentation; the converter writes exactly these).
+JSON_FIELDS = {
+    "schema_version": "int, SCHEMA_VERSION",
+    "subject_id": "str",
+    "study_id": "str",
+    "split": "one of SPLITS",
+    "study_datetime": "ISO 8601 string or null",
+    "frontal": "{dicom_id, view, orig_size: [h, w], size: [h, w]}",
+    "lateral": "same as frontal, or null when absent",
+    "report": "raw report text",
+    "sections": "{section name: text} (findings, impression, comparison, ...)",
+    "sentences": "list[str], the sentences used for training",
+    "labels": (
+        "{chexpert: {label: 1|0|-1|null}, edema_severity: 0-3|null, "
+        "progression: {finding: improving|stable|worsening}|null, "
+        "boxes: [{category, phrase, x, y, w, h, view}]}"
+    ),
+    "priors": (
+        "list of {study_id, study_datetime, gap_days, sentences, frontal, lateral}, "
+        "most recent first, matching the prior{k}.*.jpg members"
+    ),
+}
+
+
+def sample_key(subject_id: str | int, study_id: str | int) -> str:
+    """The ``__key__`` of a study."""
+    return f"p{subject_id}-s{study_id}"

@@ -1,0 +1,102 @@
+"""Recipe sections owned by the trainer: optimisation, DeepSpeed, run length, checkpoints, logging.
+
+Plain dataclasses without heavy imports, so a recipe validates before torch or DeepSpeed
+is loaded (a bad recipe fails before any process group starts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+TOWER_GROUPS = ("image", "text", "heads", "objectives")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-tower learning rates and a warmup + cosine schedule.
+
+    ``lr`` applies to every parameter group not named in ``group_lr``; a tower name in
+    ``group_lr`` (image, text, heads, objectives) gets its own rate, e.g. the lower rate
+    Liao et al. (2021) and Chauhan et al. (2020) use for BERT (2e-5). Norms, biases and
+    the logit scale never get weight decay.
+    """
+
+    lr: float = 5.0e-4
+    group_lr: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1.0e-8
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name, lr in self.group_lr.items():
+            if name not in TOWER_GROUPS:
+                raise ValueError(
+                    f"group_lr: unknown group {name!r}; expected one of {TOWER_GROUPS}"
+                )
+            if lr < 0:
+                raise ValueError(f"group_lr.{name} must be >= 0 (0 freezes it), got {lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps and weight_decay must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What vlp passes to ``deepspeed.initialize``.
+
+    ``gradient_clipping`` has no default on purpose: DeepSpeed changed its own default from
+    0.0 to 1.0 in v0.19.3, so every recipe states it (0 disables clipping).
+    """
+
+    gradient_clipping: float
+    zero_stage: int = 0
+    bf16: bool = False
+    gradient_accumulation_steps: int = 1
+    activation_checkpointing: bool = False
+    #: Extra keys merged verbatim into the DeepSpeed JSON config (advanced use).
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.gradient_clipping < 0:
+            raise ValueError(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("gradient_accumulation_steps must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Run length, seeds and logging cadence."""
+
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class CheckpointConfig:
+    """``step-N/`` DeepSpeed checkpoints every ``every`` steps and at the end; keep the last ``keep``."""
+
+    every: int = 500
+    keep: int = 3
+
+    def validate(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise ValueError("every and keep must be >= 1")
