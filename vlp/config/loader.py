@@ -263,7 +263,10 @@ def from_dict(cls: type, data: dict, *, source: str | None = None, path: str = "
             raise ConfigError(
                 source, key_path, f"missing required key (expected {_type_name(hints[name])})"
             )
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as err:  # checks in __post_init__
+        raise ConfigError(source, path, str(err)) from None
     post_load = getattr(obj, "__post_load__", None)
     if post_load is not None:
         obj = post_load(source=source, path=path) or obj

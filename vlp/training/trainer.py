@@ -1,0 +1,295 @@
+"""``vlp pretrain``: one recipe, from one CPU process to many Slurm GPU nodes, under DeepSpeed.
+
+The flow of :func:`pretrain`:
+
+1. load and validate the recipe (a bad recipe fails here, before any process group);
+2. detect the launch (single process, torchrun, Slurm srun) and start the process group;
+3. prepare the run directory (``config.yaml``, ``log.txt``, ``tensorboard/``) and the data
+   (phantom shards built into a cache on first use when the recipe names no shards);
+4. build the model (towers, heads and objectives in one ``nn.Module``), the parameter
+   groups and schedule, and hand them to ``deepspeed.initialize``;
+5. resume from ``--resume`` (a checkpoint folder, or ``auto`` for the newest completed one);
+6. train, checkpointing into ``step-N/`` every ``checkpoint.every`` steps, at the end, and
+   at the next step boundary after SIGUSR1/SIGTERM (then requeue under Slurm).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from vlp.config import load_recipe
+from vlp.config.loader import dump_yaml
+from vlp.config.schema import RecipeConfig
+from vlp.training.monitor import LOG, Monitor, setup_logging
+
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class PreemptionFlag:
+    """Set by SIGUSR1/SIGTERM; the loop checks it at step boundaries (all ranks agree)."""
+
+    def __init__(self):
+        self.raised = False
+        self.signum = None
+
+    def install(self) -> None:
+        for sig in PREEMPT_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.raised = True
+        self.signum = signum
+
+
+def deepspeed_config(cfg: RecipeConfig, world_size: int) -> dict:
+    ds = cfg.deepspeed
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "train_batch_size": cfg.data.batch_size * ds.gradient_accumulation_steps * world_size,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.bf16},
+        "steps_per_print": 10**9,  # vlp does its own logging
+        "wall_clock_breakdown": False,
+    }
+    if ds.zero_stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    for key, value in ds.extra.items():
+        config[key] = value
+    return config
+
+
+def default_run_dir(cfg: RecipeConfig) -> Path:
+    return Path("runs") / cfg.name
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _to_device(batch: dict, device) -> dict:
+    import torch
+
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def _memory_mb(device) -> float:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _requeue_if_slurm() -> None:
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    if os.environ.get("SLURM_RESTART_COUNT") is None and os.environ.get("VLP_REQUEUE", "1") == "0":
+        return
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
+        LOG.info("requeued Slurm job %s", job)
+    except (OSError, subprocess.SubprocessError) as err:
+        LOG.warning("could not requeue Slurm job %s: %s", job, err)
+
+
+def pretrain(
+    recipe: str | Path | RecipeConfig,
+    *,
+    overrides: list[str] | None = None,
+    run_dir: str | Path | None = None,
+    resume: str | None = None,
+    batch_source: Callable[[int, int, object], Iterator[dict]] | None = None,
+) -> dict:
+    """Train; returns ``{"steps": [...], "losses": [...], "run_dir": ...}`` (rank-local view).
+
+    ``batch_source(rank, world_size, tokenizer)``, when given, replaces the shard loader
+    with an iterator of batch dicts (tests use it to feed identical global batches).
+    """
+    cfg = recipe if isinstance(recipe, RecipeConfig) else load_recipe(recipe, overrides or [])
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from vlp import distributed
+    from vlp.models import build_model, model_param_groups
+    from vlp.training import checkpoint, optim
+
+    env = distributed.detect_env()
+    # DeepSpeed reads the torchrun variables; export them for Slurm and single runs too.
+    os.environ.update(
+        {
+            "RANK": str(env.rank),
+            "WORLD_SIZE": str(env.world_size),
+            "LOCAL_RANK": str(env.local_rank),
+            "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": str(env.master_port),
+        }
+    )
+    if env.is_distributed:
+        distributed.init_distributed(env=env)
+    elif not dist.is_initialized():
+        # DeepSpeed always needs a process group: a single process gets a group of one.
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+        )
+    rank, world = env.rank, env.world_size
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / "config.yaml")
+    dist.barrier()
+    setup_logging(run_dir, rank)
+    LOG.info(
+        "run %s: %d rank(s), backend %s, run dir %s", cfg.name, world, dist.get_backend(), run_dir
+    )
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.objectives)
+    groups = optim.param_groups(model_param_groups(model), cfg.optim)
+    optimizer = optim.build_optimizer(groups, cfg.optim)
+    scheduler = optim.build_scheduler(optimizer, cfg.train.steps, cfg.optim)
+    if cfg.deepspeed.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world),
+        dist_init_required=False,
+    )
+    device = engine.device
+
+    start_step, loader_state = 0, None
+    if resume:
+        folder = checkpoint.latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
+        if folder is None:
+            LOG.info("--resume auto: no completed checkpoint in %s, starting fresh", run_dir)
+        else:
+            state = checkpoint.load(engine, folder)
+            start_step, loader_state = int(state["step"]), state.get("loader")
+            LOG.info("resumed from %s at step %d", folder, start_step)
+
+    tokenizer = engine.module.text_tower.tokenizer
+    if batch_source is not None:
+        loader = None
+        batches = batch_source(rank, world, tokenizer)
+        for _ in range(start_step * cfg.deepspeed.gradient_accumulation_steps):
+            next(batches)
+    else:
+        from vlp.data.loader import build_loader
+        from vlp.data.phantom_cache import resolve_train_shards
+
+        loader_cfg = resolve_train_shards(cfg, rank=rank)
+        loader = build_loader(
+            loader_cfg, tokenizer, rank=rank, world_size=world, split="train", state=loader_state
+        )
+        batches = iter(loader)
+
+    flag = PreemptionFlag()
+    flag.install()
+    monitor = Monitor(run_dir, rank, cfg.train.steps, start_step, cfg.train.log_every)
+    history = {"steps": [], "losses": [], "run_dir": str(run_dir), "preempted": False}
+    accum = cfg.deepspeed.gradient_accumulation_steps
+    global_batch = cfg.data.batch_size * accum * world
+
+    def trainer_state() -> dict:
+        return {"loader": loader.state_dict() if loader is not None else None}
+
+    step = start_step
+    try:
+        while step < cfg.train.steps:
+            t_step = time.perf_counter()
+            data_wait = 0.0
+            logs_sum: dict[str, float] = {}
+            engine.train()
+            for _ in range(accum):
+                t_data = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    if loader is None:
+                        raise
+                    loader.set_epoch(loader.epoch + 1)
+                    batches = iter(loader)
+                    batch = next(batches)
+                batch = _to_device(batch, device)
+                data_wait += time.perf_counter() - t_data
+                loss, logs = engine(batch)
+                engine.backward(loss)
+                engine.step()
+                for name, value in logs.items():
+                    logs_sum[name] = logs_sum.get(name, 0.0) + float(value)
+            step += 1
+            # Mean over micro-batches and ranks: what a single process would have logged.
+            names = sorted(logs_sum)
+            packed = torch.tensor(
+                [logs_sum[n] / accum for n in names] + [float(flag.raised)], dtype=torch.float64
+            )
+            dist.all_reduce(packed)
+            values = (packed[:-1] / world).tolist()
+            stop = bool(packed[-1] > 0)
+            scalars = dict(zip(names, values))
+            elapsed = time.perf_counter() - t_step
+            for group in optimizer.param_groups:
+                scalars[f"lr/{group.get('name', 'group')}"] = group["lr"]
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                scalars["optim/grad_norm"] = float(grad_norm)
+            scale = getattr(engine.module, "logit_scale", None)
+            if scale is not None:
+                with torch.no_grad():
+                    scalars["optim/logit_scale"] = float(scale().float())
+            scalars.update(
+                {
+                    "perf/step_time_s": elapsed,
+                    "perf/samples_per_s": global_batch / elapsed,
+                    "perf/data_wait_fraction": data_wait / elapsed,
+                    "perf/memory_mb": _memory_mb(device),
+                }
+            )
+            history["steps"].append(step)
+            history["losses"].append(scalars.get("loss/total", float("nan")))
+            monitor.step(step, scalars)
+
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
+                checkpoint.save(engine, run_dir, step, trainer_state(), cfg.checkpoint.keep)
+                LOG.info("checkpoint step-%d saved", step)
+            if stop:
+                LOG.warning(
+                    "preemption signal received: checkpoint at step %d saved, exiting", step
+                )
+                history["preempted"] = True
+                if rank == 0:
+                    _requeue_if_slurm()
+                break
+    finally:
+        monitor.close()
+    if loader is not None and rank == 0:
+        skipped = loader.stats.get("skipped", 0) if isinstance(loader.stats, dict) else 0
+        if skipped:
+            LOG.warning("loader skipped %d corrupt sample(s): %s", skipped, loader.stats)
+    LOG.info("done at step %d", step)
+    return history
