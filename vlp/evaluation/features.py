@@ -1,0 +1,342 @@
+"""Frozen-model feature extraction over evaluation shards, batched, with an on-disk cache.
+
+One job: run a model's image (and optionally report) encoder over a split of shards in
+evaluation mode (no augmentation, no shuffling, shards in manifest order) and return the
+features with the labels the evaluators need, as numpy arrays. Results are cached under a
+folder the caller names, keyed by a fingerprint of the model's weights and of the data
+(the manifest's bytes, or the shard files' names, sizes and modification times for brace
+patterns), so a second evaluator on the same checkpoint and split reads them back.
+
+Also here, shared by the evaluators: locating the sibling splits of a split
+(``.../test`` → ``.../train``, ``.../validate``), building the evaluation loader for a
+model, a randomly re-initialised copy of a model, and access to a model's image–text
+scores (cosine, or the local/global MI critic; :func:`similarity_mode`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlp.data.loader import LoaderConfig, build_loader, resolve_shards
+
+#: Bumped when the cached arrays change meaning.
+CACHE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- data paths
+
+
+def manifest_path(data: str | os.PathLike) -> Path | None:
+    """The manifest.json a data spec names (a folder holding one, or the file), else None."""
+    path = Path(data)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return path / "manifest.json"
+    if path.is_file() and path.suffix == ".json":
+        return path
+    return None
+
+
+def sibling_split(data: str | os.PathLike, split: str) -> str | None:
+    """``…/test`` (or ``…/test/manifest.json``) → ``…/<split>`` when that has a manifest."""
+    manifest = manifest_path(data)
+    if manifest is None:
+        return None
+    candidate = manifest.parent.parent / split
+    if candidate.resolve() == manifest.parent.resolve():
+        return None
+    return str(candidate) if (candidate / "manifest.json").is_file() else None
+
+
+def data_fingerprint(data: str | os.PathLike) -> str:
+    """SHA-256 naming the data: manifest bytes, or shard names + sizes + mtimes."""
+    digest = hashlib.sha256()
+    manifest = manifest_path(data)
+    if manifest is not None:
+        digest.update(manifest.read_bytes())
+    else:
+        for shard in resolve_shards(str(data)):
+            digest.update(shard.url.encode())
+            if Path(shard.url).is_file():
+                stat = Path(shard.url).stat()
+                digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def sample_count(data: str | os.PathLike) -> int | None:
+    counts = [s.samples for s in resolve_shards(str(data))]
+    return sum(counts) if all(c is not None for c in counts) else None
+
+
+# --------------------------------------------------------------------------- model helpers
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the state dict (names, dtypes, shapes and bytes), so any weight change
+    (another checkpoint, a random initialisation) gets its own cache entry."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def image_size_of(model) -> int:
+    """The square input side the model was built for (``model.cfg.image.image_size``)."""
+    try:
+        return int(model.cfg.image.image_size)
+    except AttributeError as exc:
+        raise ValueError("model has no cfg.image.image_size; pass image_size explicitly") from exc
+
+
+def tokenizer_of(model):
+    return model.text_tower.tokenizer
+
+
+def random_init_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model`` with every submodule re-initialised (same architecture).
+
+    Uses each module's own ``reset_parameters`` (PyTorch default initialisers; BatchNorm
+    running statistics reset too) under ``torch.manual_seed(seed)``; the baseline for
+    "pretrained vs random encoder" probes.
+    """
+    clone = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in clone.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return clone.eval()
+
+
+#: How image and text are compared (see :func:`similarity_mode`).
+SIMILARITY_MODES = ("cosine", "local_critic", "global_critic")
+
+
+def similarity_mode(model, requested: str = "auto") -> str:
+    """Which image–text score an evaluator uses for ``model``.
+
+    ``auto``: cosine of ``image_global`` and ``report`` embeddings when the model was
+    trained with a contrastive objective (``clip``); otherwise the MI critic it was trained
+    with (``local_mi``: max over regions of the sentence–region critic, Liao et al. 2021
+    Eq. 5; ``global_mi``: the image–report critic); cosine when it has neither.
+    """
+    objectives = set(getattr(model, "objectives", {}).keys())
+    if requested != "auto":
+        if requested not in SIMILARITY_MODES:
+            raise ValueError(f"similarity must be 'auto' or one of {SIMILARITY_MODES}")
+        needs = {"local_critic": "local_mi", "global_critic": "global_mi"}.get(requested)
+        if needs and needs not in objectives:
+            raise ValueError(f"similarity {requested!r} needs a {needs} objective in the model")
+        return requested
+    if "clip" in objectives or not objectives & {"local_mi", "global_mi"}:
+        return "cosine"
+    return "local_critic" if "local_mi" in objectives else "global_critic"
+
+
+@torch.no_grad()
+def text_embeddings(model, texts: list[str], kind: str, batch_size: int = 64) -> torch.Tensor:
+    """Projected embeddings (``report`` or ``sentence`` space) of raw strings, batched."""
+    rows = [
+        model.encode_text(list(texts[i : i + batch_size]), kind=kind).float()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(rows) if rows else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def local_critic_scores(model, image_local: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``B×R×Dl`` regions and ``P×Ds`` sentence embeddings → ``B×P×R`` local-MI critic
+    scores (the ``local_mi`` objective's ``region_scores``, every sentence on every image)."""
+    objective = model.objectives["local_mi"]
+    batch, prompts = image_local.shape[0], text.shape[0]
+    features = {
+        "image_local": image_local,
+        "sentence": text.repeat(batch, 1),
+        "sentence_index": torch.arange(batch, device=text.device).repeat_interleave(prompts),
+    }
+    return objective.region_scores(features).view(batch, prompts, -1)
+
+
+@torch.no_grad()
+def global_critic_scores(model, image_global: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``B×D`` images and ``P×D`` report-space embeddings → ``B×P`` global-MI critic scores."""
+    return model.objectives["global_mi"].critic.pair_scores(image_global, text)
+
+
+def eval_loader(
+    model,
+    data: str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    priors: int = 0,
+    sentences: bool = False,
+    workers: int = 0,
+    image_size: int | None = None,
+):
+    """The evaluation loader of ``data`` for ``model``: frontal views, centre crop, in order."""
+    cfg = LoaderConfig(
+        shards=str(data),
+        batch_size=batch_size,
+        workers=workers,
+        image_size=image_size or image_size_of(model),
+        views=["frontal"],
+        priors=priors,
+        sentences=sentences,
+        shuffle_buffer=0,
+        shard_shuffle=False,
+    )
+    return build_loader(cfg, tokenizer_of(model), split="test")
+
+
+def progress(loader, data, batch_size: int, desc: str):
+    total = sample_count(data)
+    batches = math.ceil(total / batch_size) if total is not None else None
+    return tqdm(loader, total=batches, desc=desc, unit="batch", leave=False)
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class Features:
+    """Per-study arrays of one split, rows in loader order."""
+
+    keys: list[str]
+    image_global: np.ndarray  # N×D float32
+    labels: np.ndarray  # N×14 float32 (1, 0, -1, NaN)
+    edema_severity: np.ndarray  # N int64, -1 unknown
+    meta: list[dict] = field(default_factory=list)
+    report: np.ndarray | None = None  # N×D float32 (projected report embedding)
+    prior_global: np.ndarray | None = None  # N×D float32 (zeros where no prior)
+    prior_mask: np.ndarray | None = None  # N bool
+    skipped: int = 0  # samples the loader skipped as corrupt
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _cache_file(cache_dir: Path, model_fp: str, data_fp: str, opts: dict) -> Path:
+    tag = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir / f"features-{model_fp[:16]}-{data_fp[:16]}-{tag}.npz"
+
+
+def _save(path: Path, feats: Features) -> None:
+    arrays = {
+        "image_global": feats.image_global,
+        "labels": feats.labels,
+        "edema_severity": feats.edema_severity,
+        "skipped": np.asarray(feats.skipped),
+    }
+    for name in ("report", "prior_global", "prior_mask"):
+        if getattr(feats, name) is not None:
+            arrays[name] = getattr(feats, name)
+    sidecar = json.dumps({"format": CACHE_FORMAT, "keys": feats.keys, "meta": feats.meta})
+    arrays["sidecar"] = np.frombuffer(sidecar.encode("utf-8"), dtype=np.uint8)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written cache
+
+
+def _load(path: Path) -> Features | None:
+    with np.load(path) as arrays:
+        sidecar = json.loads(arrays["sidecar"].tobytes().decode("utf-8"))
+        if sidecar.get("format") != CACHE_FORMAT:
+            return None
+        optional = {n: arrays[n] for n in ("report", "prior_global", "prior_mask") if n in arrays}
+        return Features(
+            keys=sidecar["keys"],
+            meta=sidecar["meta"],
+            image_global=arrays["image_global"],
+            labels=arrays["labels"],
+            edema_severity=arrays["edema_severity"],
+            skipped=int(arrays["skipped"]),
+            **optional,
+        )
+
+
+@torch.no_grad()
+def extract_features(
+    model,
+    data: str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    priors: bool = False,
+    reports: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 0,
+    desc: str = "features",
+) -> Features:
+    """Global image features (and optionally report embeddings and prior-image features)
+    of every study in ``data``; read from / written to ``cache_dir`` when given."""
+    opts = {"priors": bool(priors), "reports": bool(reports), "size": image_size_of(model)}
+    path = None
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path = _cache_file(cache_dir, model_fingerprint(model), data_fingerprint(data), opts)
+        if path.is_file():
+            cached = _load(path)
+            if cached is not None:
+                return cached
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    loader = eval_loader(
+        model, data, batch_size=batch_size, priors=1 if priors else 0, workers=workers
+    )
+    keys, meta, globals_, labels, severity = [], [], [], [], []
+    report_rows, prior_rows, prior_masks = [], [], []
+    for batch in progress(loader, data, batch_size, desc):
+        image = batch["frontal"].to(device)
+        globals_.append(model.encode_image(image)["image_global"].float().cpu())
+        if reports:
+            tokens = batch["report_input_ids"].to(device), batch["report_attention_mask"].to(device)
+            report_rows.append(
+                model.report_head(model.text_tower.encode_reports(*tokens)).float().cpu()
+            )
+        if priors:
+            mask = batch["prior_mask"][:, 0]
+            rows = torch.zeros_like(globals_[-1])
+            if bool(mask.any()):
+                prior_images = batch["prior_frontal"][:, 0][mask].to(device)
+                rows[mask] = model.encode_image(prior_images)["image_global"].float().cpu()
+            prior_rows.append(rows)
+            prior_masks.append(mask)
+        keys += batch["keys"]
+        meta += batch["meta"]
+        labels.append(batch["labels"])
+        severity.append(batch["edema_severity"])
+    model.train(was_training)
+    if not keys:
+        raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")
+    feats = Features(
+        keys=keys,
+        meta=meta,
+        image_global=torch.cat(globals_).numpy(),
+        labels=torch.cat(labels).numpy(),
+        edema_severity=torch.cat(severity).numpy(),
+        report=torch.cat(report_rows).numpy() if reports else None,
+        prior_global=torch.cat(prior_rows).numpy() if priors else None,
+        prior_mask=torch.cat(prior_masks).numpy() if priors else None,
+        skipped=loader.stats.samples_skipped,
+    )
+    if path is not None:
+        _save(path, feats)
+    return feats

@@ -1,0 +1,143 @@
+"""Temporal progression classification (MS-CXR-T style) from current and prior embeddings.
+
+Bannur et al., CVPR 2023 (BioViL-T) define MS-CXR-T: per finding (consolidation, edema,
+pleural effusion, pneumonia, pneumothorax), whether it is improving, stable or worsening
+between a study and its prior. Following Med-ST's protocol (Yang et al., ICML 2024,
+``temporal_test.py``): the feature of a pair is ``[emb(current), emb(prior)]`` (global image
+embeddings of the frozen encoder), the classifier a linear SVM (scikit-learn ``LinearSVC``
+on standardised features), and the score the k-fold cross-validated macro-accuracy (mean
+per-class recall) per finding, over the studies of ``data`` that have a prior and a
+progression label. Folds are stratified and seeded; k is ``folds`` (Med-ST: 5 and 10),
+lowered to the smallest class count when a class has fewer studies (at least 2). The CI is
+a bootstrap over the out-of-fold predictions.
+
+Needs shards converted with ``--priors 1`` (the ``prior1.frontal.jpg`` member).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+
+from vlp.data.schema import PROGRESSION_CLASSES, PROGRESSION_FINDINGS
+from vlp.evaluation import metrics
+from vlp.evaluation.features import extract_features
+from vlp.evaluation.report import Table, write_results
+
+
+def progression_targets(meta: list[dict], prior_mask: np.ndarray, finding: str):
+    """Rows with a prior and a progression label for ``finding``, and class indices."""
+    rows, targets = [], []
+    for i, record in enumerate(meta):
+        progression = ((record.get("labels") or {}).get("progression")) or {}
+        label = progression.get(finding)
+        if label is None or not prior_mask[i]:
+            continue
+        if label not in PROGRESSION_CLASSES:
+            raise ValueError(
+                f"study {record.get('study_id')}: progression[{finding!r}] = {label!r}, "
+                f"expected one of {PROGRESSION_CLASSES}"
+            )
+        rows.append(i)
+        targets.append(PROGRESSION_CLASSES.index(label))
+    return np.asarray(rows, dtype=int), np.asarray(targets, dtype=int)
+
+
+def cross_validated_predictions(x, y, folds: int, seed: int) -> tuple[np.ndarray, int]:
+    """Out-of-fold LinearSVC predictions; returns ``(predictions, folds used)``."""
+    counts = np.bincount(y)
+    k = int(min(folds, counts[counts > 0].min()))
+    if k < 2 or (counts > 0).sum() < 2:
+        raise metrics.MetricUndefined(
+            f"need two classes with >= 2 studies each, got counts {counts.tolist()}"
+        )
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    model = make_pipeline(StandardScaler(), LinearSVC(random_state=seed, max_iter=10000))
+    return cross_val_predict(model, x, y, cv=splitter), k
+
+
+def evaluate(
+    model,
+    data,
+    out,
+    *,
+    folds: int = 5,
+    figures: bool = False,
+    seed: int = 0,
+    bootstrap: int = 1000,
+    batch_size: int = 32,
+    cache_dir=None,
+) -> dict:
+    """Cross-validated progression macro-accuracy per finding; writes results into ``out``.
+
+    Features are cached in ``cache_dir`` (default ``out/cache``), keyed by the model's
+    weights and the data, so evaluators sharing a cache folder extract them once.
+    """
+    out = Path(out)
+    feats = extract_features(
+        model,
+        data,
+        batch_size=batch_size,
+        priors=True,
+        cache_dir=Path(cache_dir) if cache_dir is not None else out / "cache",
+        desc="temporal features",
+    )
+    if not feats.prior_mask.any():
+        raise ValueError(
+            f"{data}: no study has a prior1.frontal.jpg; convert the shards with --priors 1"
+        )
+    pairs = np.concatenate([feats.image_global, feats.prior_global], 1)
+    results: dict = {
+        "task": "temporal",
+        "data": str(data),
+        "samples": len(feats),
+        "with_prior": int(feats.prior_mask.sum()),
+        "skipped_samples": feats.skipped,
+        "protocol": f"LinearSVC on standardised [current, prior] global embeddings, "
+        f"stratified {folds}-fold CV (seed {seed}), macro-accuracy",
+        "seed": seed,
+        "bootstrap": bootstrap,
+        "macro_accuracy": {},
+        "counts": {},
+        "folds": {},
+    }
+    rows = []
+    for finding in PROGRESSION_FINDINGS:
+        sel, y = progression_targets(feats.meta, feats.prior_mask, finding)
+        counts = {c: int((y == k).sum()) for k, c in enumerate(PROGRESSION_CLASSES)}
+        results["counts"][finding] = counts
+        try:
+            predicted, k = cross_validated_predictions(pairs[sel], y, folds, seed)
+        except metrics.MetricUndefined as exc:
+            results["macro_accuracy"][finding] = {
+                "value": float("nan"),
+                "ci": [float("nan")] * 2,
+                "n": int(y.size),
+                "undefined": str(exc),
+            }
+            rows.append([finding, *counts.values(), "", results["macro_accuracy"][finding]])
+            continue
+        results["folds"][finding] = k
+        results["macro_accuracy"][finding] = metrics.with_ci(
+            metrics.macro_accuracy, y, predicted, n_resamples=bootstrap, seed=seed
+        )
+        rows.append([finding, *counts.values(), k, results["macro_accuracy"][finding]])
+    defined = [v["value"] for v in results["macro_accuracy"].values() if not math.isnan(v["value"])]
+    results["mean_macro_accuracy"] = float(np.mean(defined)) if defined else float("nan")
+    rows.append(["mean", "", "", "", "", results["mean_macro_accuracy"]])
+    tables = [
+        Table(
+            "Progression classification (cross-validated)",
+            ["finding", *PROGRESSION_CLASSES, "folds", "macro-accuracy"],
+            rows,
+            note=results["protocol"] + "; chance macro-accuracy is 1/(classes present).",
+        )
+    ]
+    write_results(out, results, "Temporal progression", tables)
+    return results
