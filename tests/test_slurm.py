@@ -30,7 +30,9 @@ def cluster(tmp_path_factory):
 @pytest.mark.slurm
 def test_sbatch_pretrain_two_tasks_leaves_checkpoint(cluster, tmp_path):
     run_dir = tmp_path / "run"
-    cluster.env.update({"VLP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    cluster.env.update(
+        {"VLP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         cluster.env.pop(key, None)
     job = cluster.sbatch(
@@ -53,3 +55,28 @@ def test_sbatch_pretrain_two_tasks_leaves_checkpoint(cluster, tmp_path):
         "trainer_state_rank1.pt",
     ]
     assert os.path.getsize(run_dir / "config.yaml") > 0
+
+
+@pytest.mark.slurm
+def test_vlp_submit_through_submitit_runs_on_slurm(cluster, tmp_path):
+    """`vlp submit` (the README's submitit path) on the same cluster, one CPU task."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    env = dict(
+        cluster.env, VLP_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "vlp.cli", "submit", "recipes/debug.yaml", "--gpus-per-node", "0",
+            "--time", "10", "--run-dir", str(run_dir), "--set", "train.steps=2", "--set", "checkpoint.every=2",
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split("submitted job ")[1].split(":")[0]
+    state = cluster.wait(job, timeout=600)
+    logs = "\n".join(p.read_text()[-3000:] for p in (run_dir / "submitit").rglob("*.err"))
+    assert state == "COMPLETED", f"{state}\n{logs}\n{cluster.logs()}"
+    assert (run_dir / "step-2" / "COMPLETE").is_file()

@@ -31,7 +31,7 @@ NO_BN = [
     "model.image.params={img_size: 32}",
     "data.image_size=32",
     "objectives=[{name: clip, weight: 1.0}]",
-    "model.text.params={hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}",
+    "model.text.params={dropout: 0.0}",
 ]
 
 
@@ -189,7 +189,8 @@ def test_run_dir_config_checkpoints_and_tensorboard(tmp_path, cache):
     tags = set(events.Tags()["scalars"])
     for tag in (
         "loss/total",
-        "loss/local_mi/loss",
+        "loss/local_mi/mi",
+        "metric/local_mi/bound",
         "optim/grad_norm",
         "optim/logit_scale",
         "perf/samples_per_s",

@@ -9,6 +9,7 @@ which the tests turn into a visible skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -38,7 +39,9 @@ def ensure_installed() -> None:
     update = _run(["apt-get", "update", "-qq"], env=env, timeout=600)
     install = _run(["apt-get", "install", "-y", "-qq", *PACKAGES], env=env, timeout=900)
     if install.returncode != 0:
-        raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {update.stderr[-500:]} {install.stderr[-1500:]}")
+        raise SlurmUnavailable(
+            f"apt-get install {' '.join(PACKAGES)} failed: {update.stderr[-500:]} {install.stderr[-1500:]}"
+        )
 
 
 def _free_port() -> int:
@@ -73,7 +76,14 @@ class SlurmCluster:
         state = "UNKNOWN"
         while time.time() < deadline:
             state = self.job_state(job_id)
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            if state in (
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+            ):
                 return state
             time.sleep(1)
         _run(["scancel", job_id], env=self.env, timeout=30)
@@ -90,10 +100,8 @@ class SlurmCluster:
     def stop(self) -> None:
         for pidfile in self.pidfiles:
             if pidfile.is_file():
-                try:
+                with contextlib.suppress(ValueError, ProcessLookupError):
                     os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-                except (ValueError, ProcessLookupError):
-                    pass
         for proc in self.processes:
             if proc.poll() is None:
                 proc.terminate()
@@ -142,12 +150,12 @@ SlurmdPort={_free_port()}
 AuthType=auth/munge
 AuthInfo=socket={socket_path}
 CredType=cred/munge
-StateSaveLocation={root / 'state'}
-SlurmdSpoolDir={root / 'spool'}
-SlurmctldPidFile={root / 'slurmctld.pid'}
-SlurmdPidFile={root / 'slurmd.pid'}
-SlurmctldLogFile={root / 'slurmctld.log'}
-SlurmdLogFile={root / 'slurmd.log'}
+StateSaveLocation={root / "state"}
+SlurmdSpoolDir={root / "spool"}
+SlurmctldPidFile={root / "slurmctld.pid"}
+SlurmdPidFile={root / "slurmd.pid"}
+SlurmctldLogFile={root / "slurmctld.log"}
+SlurmdLogFile={root / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -163,7 +171,9 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscr
 """
     )
     env = dict(os.environ, SLURM_CONF=str(conf))
-    cluster = SlurmCluster(root, conf, env, pidfiles=[munge_pid, root / "slurmctld.pid", root / "slurmd.pid"])
+    cluster = SlurmCluster(
+        root, conf, env, pidfiles=[munge_pid, root / "slurmctld.pid", root / "slurmd.pid"]
+    )
     for daemon in (["slurmctld", "-c"], ["slurmd"]):
         proc = _run([*daemon, "-f", str(conf)], env=env, timeout=60)
         if proc.returncode != 0:
@@ -176,4 +186,6 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscr
             return cluster
         time.sleep(1)
     cluster.stop()
-    raise SlurmUnavailable(f"the Slurm node did not become idle: {info.stdout} {info.stderr}\n{cluster.logs()}")
+    raise SlurmUnavailable(
+        f"the Slurm node did not become idle: {info.stdout} {info.stderr}\n{cluster.logs()}"
+    )

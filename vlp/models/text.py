@@ -63,6 +63,8 @@ class TinyTextParams:
     num_heads: int = 2
     intermediate_size: int = 128
     max_position_embeddings: int = 512
+    #: hidden and attention dropout (BERT's default 0.1).
+    dropout: float = 0.1
 
 
 def minilm_path() -> Path:
@@ -199,6 +201,8 @@ def build_tiny(cfg: TextTowerConfig, params: TinyTextParams) -> TextTower:
         num_attention_heads=params.num_heads,
         intermediate_size=params.intermediate_size,
         max_position_embeddings=params.max_position_embeddings,
+        hidden_dropout_prob=params.dropout,
+        attention_probs_dropout_prob=params.dropout,
     )
     return TextTower(BertModel(config, add_pooling_layer=False), tokenizer, cfg)
 

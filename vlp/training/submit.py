@@ -58,13 +58,15 @@ def submit(
         )
         params = {
             "nodes": nodes,
-            "tasks_per_node": gpus_per_node,
-            "gpus_per_node": gpus_per_node,
+            # One task per GPU; a CPU-only job (gpus_per_node 0) runs one task per node.
+            "tasks_per_node": max(1, gpus_per_node),
             "cpus_per_task": cpus_per_task,
             "timeout_min": time_min,
             "slurm_signal_delay_s": 120,
             "name": f"vlp-{cfg.name}",
         }
+        if gpus_per_node > 0:
+            params["gpus_per_node"] = gpus_per_node
         if partition:
             params["slurm_partition"] = partition
         if account:

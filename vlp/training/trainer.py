@@ -69,6 +69,13 @@ def default_run_dir(cfg: RecipeConfig) -> Path:
     return Path("runs") / cfg.name
 
 
+def _grad_norm(module) -> float:
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def _free_port() -> int:
     import socket
 
@@ -123,6 +130,8 @@ def pretrain(
     with an iterator of batch dicts (tests use it to feed identical global batches).
     """
     cfg = recipe if isinstance(recipe, RecipeConfig) else load_recipe(recipe, overrides or [])
+    # Loader workers tokenise after fork; HF's Rust tokenizer threads must not be live then.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import deepspeed
     import torch
@@ -190,6 +199,11 @@ def pretrain(
         else:
             state = checkpoint.load(engine, folder)
             start_step, loader_state = int(state["step"]), state.get("loader")
+            # The recipe's schedule is the truth: a run resumed with a different train.steps
+            # (or after a preemption) continues on the schedule of *this* recipe, not with
+            # the learning rate the saved optimizer last used.
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * optim.lr_multiplier(start_step, cfg.train.steps, cfg.optim)
             LOG.info("resumed from %s at step %d", folder, start_step)
 
     tokenizer = engine.module.text_tower.tokenizer
@@ -218,6 +232,10 @@ def pretrain(
     def trainer_state() -> dict:
         return {"loader": loader.state_dict() if loader is not None else None}
 
+    # DeepSpeed reports the global grad norm for ZeRO ≥ 1 and bf16; without ZeRO in fp32 it
+    # clips but discards the norm, so the trainer measures it (pre-clipping, as DeepSpeed does).
+    own_grad_norm = cfg.deepspeed.zero_stage == 0 and not cfg.deepspeed.bf16
+    grad_norm = None
     step = start_step
     try:
         while step < cfg.train.steps:
@@ -232,13 +250,14 @@ def pretrain(
                 except StopIteration:
                     if loader is None:
                         raise
-                    loader.set_epoch(loader.epoch + 1)
-                    batches = iter(loader)
+                    batches = iter(loader)  # the loader has moved on to the next epoch
                     batch = next(batches)
                 batch = _to_device(batch, device)
                 data_wait += time.perf_counter() - t_data
                 loss, logs = engine(batch)
                 engine.backward(loss)
+                if own_grad_norm and engine.is_gradient_accumulation_boundary():
+                    grad_norm = _grad_norm(engine.module)
                 engine.step()
                 for name, value in logs.items():
                     logs_sum[name] = logs_sum.get(name, 0.0) + float(value)
@@ -255,7 +274,8 @@ def pretrain(
             elapsed = time.perf_counter() - t_step
             for group in optimizer.param_groups:
                 scalars[f"lr/{group.get('name', 'group')}"] = group["lr"]
-            grad_norm = engine.get_global_grad_norm()
+            if not own_grad_norm:
+                grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 scalars["optim/grad_norm"] = float(grad_norm)
             scale = getattr(engine.module, "logit_scale", None)

@@ -1,0 +1,109 @@
+"""The `vlp` command line and the README: help texts, errors, and every README example run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ("pretrain", "submit", "export", "shards", "phantom", "eval", "demo")
+
+
+def vlp(
+    *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vlp.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_top_level_help_is_fast_and_lists_commands():
+    start = time.perf_counter()
+    proc = vlp("--help")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0
+    for command in SUBCOMMANDS:
+        assert command in proc.stdout
+    assert elapsed < 3.0, f"vlp --help took {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_each_subcommand_has_real_help(command):
+    proc = vlp(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
+    assert len(proc.stdout.splitlines()) > 4
+
+
+def test_unknown_command_and_bad_arguments_fail_in_one_line():
+    for args in (["frobnicate"], ["pretrain"], ["phantom", "--patients", "many"], ["eval", "nope"]):
+        proc = vlp(*args)
+        assert proc.returncode == 2, args
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, proc.stderr
+        assert "error:" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_missing_recipe_is_a_one_line_error(tmp_path):
+    proc = vlp("pretrain", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == f"vlp pretrain: error: {tmp_path / 'nope.yaml'}: recipe file not found"
+    )
+
+
+def readme_examples() -> list[tuple[str, str]]:
+    """(name, command) of every ``<!-- example: NAME -->`` code block in the README, in order."""
+    text = (ROOT / "README.md").read_text()
+    pattern = re.compile(r"<!-- example: ([\w-]+) -->\s*```bash\n(.*?)```", re.S)
+    return [(name, body.strip().replace("\\\n", " ")) for name, body in pattern.findall(text)]
+
+
+def test_readme_examples_run_in_order(tmp_path):
+    """Runs the README's examples as a user would, in a scratch copy of the working folder."""
+    examples = readme_examples()
+    assert [n for n, _ in examples] == [
+        "phantom-and-shards",
+        "pretrain-debug",
+        "export",
+        "zero-shot",
+    ]
+    for name in ("recipes", "tools"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = dict(
+        os.environ, VLP_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)
+    )
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "vlp").write_text(f'#!/bin/sh\nexec {sys.executable} -m vlp.cli "$@"\n')
+    (bindir / "vlp").chmod(0o755)
+    (bindir / "python").symlink_to(sys.executable)
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    for name, command in examples:
+        proc = subprocess.run(
+            ["bash", "-ec", command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, (
+            f"README example {name!r} failed:\n{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    assert (tmp_path / "data" / "phantom" / "preview.png").is_file()
+    assert (tmp_path / "data" / "phantom-shards" / "train" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "debug" / "export" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "debug" / "eval-zs" / "results.json").is_file()
