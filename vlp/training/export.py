@@ -70,6 +70,9 @@ def load_model(path: str | Path, device: str = "cpu"):
             path = export(path)
         else:
             raise FileNotFoundError(f"{path}: neither an export ({WEIGHTS}) nor a run directory")
+    import torch
+
+    torch.set_flush_denormal(True)  # see vlp.training.trainer: denormals slow CPU kernels badly
     cfg = load_recipe(path / CONFIG)
     model = build_model(cfg.model, cfg.objectives)
     missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
