@@ -49,12 +49,13 @@ def plan(minutes: float, tiny: bool) -> DemoPlan:
             overrides=("data.image_size=64", "data.workers=0", "checkpoint.every=1000"),
             bootstrap=50,
         )
-    # Measured on 2 CPU cores: ~1.3 s per demo step (batch 16, MiniLM + Liao ResNet at 128 px),
-    # ~90 phantom studies/s end to end through conversion, evaluation ~1.5 min.
-    budget_s = max(60.0, 60.0 * minutes)
-    steps = max(20, int((budget_s - 150) * 0.75 / 1.3))
+    # Measured on 2 CPU cores (other jobs sharing them): ~2.5 s per demo step (batch 16,
+    # frozen MiniLM, half-width Liao ResNet at 256 px); phantom + conversion ~40 s for 300
+    # patients; evaluation ~2 min. Training gets what is left of the budget.
+    budget_s = max(120.0, 60.0 * minutes)
+    steps = max(20, int((budget_s - 200) / 2.5))
     return DemoPlan(
-        patients=int(min(1200, max(200, budget_s * 0.8))),
+        patients=int(min(1200, max(150, budget_s / 2))),
         image_size=256,
         steps=steps,
         recipe="demo.yaml",
@@ -125,22 +126,11 @@ def summarise(results: dict) -> list[tuple[str, float]]:
     return rows
 
 
-def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, tiny: bool = False) -> dict:
+def _phantom_shards(out: Path, p: DemoPlan, t0: float) -> Path:
+    """Stages 1–2: phantom tree and its shards under ``out`` (reused when unchanged)."""
     from vlp.data.convert import main as convert_main
     from vlp.data.phantom import PhantomConfig, generate, write_preview
-    from vlp.evaluation import edema, grounding, linear_probe, retrieval, zero_shot
-    from vlp.training.export import export, load_model
-    from vlp.training.trainer import pretrain
 
-    t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    p = plan(minutes, tiny)
-    print(
-        f"vlp demo: {p.patients} phantom patients at {p.image_size} px, {p.steps} training steps, output in {out}"
-    )
-
-    # 1. phantom (reused when generated with the same config)
     _stage("1/5 phantom data", t0)
     phantom_cfg = PhantomConfig(patients=p.patients, seed=0, image_size=p.image_size, workers=2)
     phantom_dir = out / "phantom"
@@ -165,11 +155,42 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 10.0, tiny: bool = 
     if code != 0:
         raise RuntimeError(f"conversion failed with exit code {code}")
 
+    return shards
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    minutes: float = 10.0,
+    tiny: bool = False,
+    extra_overrides: list[str] | None = None,
+    shards: Path | None = None,
+) -> dict:
+    """Run the demo; ``extra_overrides`` change the recipe (benchmarks/learning.py swaps the
+    objective), ``shards`` reuses converted phantom shards instead of stages 1–2."""
+    from vlp.evaluation import edema, grounding, linear_probe, retrieval, zero_shot
+    from vlp.training.export import export, load_model
+    from vlp.training.trainer import pretrain
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = plan(minutes, tiny)
+    print(
+        f"vlp demo: {p.patients} phantom patients at {p.image_size} px, {p.steps} training steps, output in {out}"
+    )
+
+    if shards is not None:
+        _stage("1-2/5 reusing phantom shards " + str(shards), t0)
+    else:
+        shards = _phantom_shards(out, p, t0)
+
     # 3. pretrain + export (resume auto: a second run with the same plan trains nothing)
     _stage(f"3/5 pretrain recipes/{p.recipe} under DeepSpeed", t0)
     run_dir = out / "run"
     overrides = [f"data.shards={shards / 'train'}", f"train.steps={p.steps}", *p.overrides]
+    overrides += list(extra_overrides or [])
     pretrain(RECIPES / p.recipe, overrides=overrides, run_dir=run_dir, resume="auto")
+
     export(run_dir)
     model, cfg = load_model(run_dir / "export")
 
