@@ -40,7 +40,9 @@ COLUMNS = (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/learning")
     parser.add_argument("--minutes", type=float, default=10.0, help="demo budget per objective")
     parser.add_argument("--only", nargs="*", default=list(OBJECTIVES), choices=list(OBJECTIVES))
@@ -56,7 +58,10 @@ def main() -> None:
     for name in args.only:
         override = OBJECTIVES[name]
         summary = run_demo(
-            out / name, minutes=args.minutes, extra_overrides=[override] if override else [], shards=shards
+            out / name,
+            minutes=args.minutes,
+            extra_overrides=[override] if override else [],
+            shards=shards,
         )
         table[name] = summary["metrics"] | {"elapsed_s": summary["elapsed_s"]}
         (out / "learning.json").write_text(json.dumps(table, indent=2))
@@ -73,7 +78,9 @@ def main() -> None:
     ]
     for column in COLUMNS:
         lines.append(f"| {column} | " + " | ".join(fmt(table[n].get(column)) for n in table) + " |")
-    lines.append("| wall time (s) | " + " | ".join(f"{table[n]['elapsed_s']:.0f}" for n in table) + " |")
+    lines.append(
+        "| wall time (s) | " + " | ".join(f"{table[n]['elapsed_s']:.0f}" for n in table) + " |"
+    )
     text = "\n".join(lines)
     (out / "learning.md").write_text(text + "\n")
     print(text)

@@ -16,7 +16,13 @@ RUNNABLE = [p for p in RECIPES if p.name != "base.yaml"]  # base.yaml is a fragm
 
 
 def test_there_are_recipes():
-    assert {p.name for p in RUNNABLE} >= {"clip.yaml", "global_mi.yaml", "local_mi.yaml", "debug.yaml", "demo.yaml"}
+    assert {p.name for p in RUNNABLE} >= {
+        "clip.yaml",
+        "global_mi.yaml",
+        "local_mi.yaml",
+        "debug.yaml",
+        "demo.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.name)
@@ -56,9 +62,14 @@ def test_typo_in_objective_parameter(tmp_path):
     path = _child(tmp_path, "objectives:\n  - {name: local_mi, estimater: cpc}\n")
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
-    assert str(err.value).startswith(f"{path}: objectives[0].estimater: unknown key; did you mean 'estimator'?")
+    assert str(err.value).startswith(
+        f"{path}: objectives[0].estimater: unknown key; did you mean 'estimator'?"
+    )
     path = _child(tmp_path, "objectives:\n  - {name: local_mii}\n")
-    with pytest.raises(ConfigError, match=r"objectives\[0\]\.name: unknown objective 'local_mii'; did you mean 'local_mi'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"objectives\[0\]\.name: unknown objective 'local_mii'; did you mean 'local_mi'\?",
+    ):
         load_recipe(path)
 
 
@@ -76,13 +87,27 @@ def test_missing_required_key(tmp_path):
     path.write_text("name: x\nobjectives: [{name: clip}]\ndeepspeed: {zero_stage: 2}\n")
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
-    assert str(err.value) == f"{path}: deepspeed.gradient_clipping: missing required key (expected float)"
+    assert (
+        str(err.value)
+        == f"{path}: deepspeed.gradient_clipping: missing required key (expected float)"
+    )
 
 
 def test_extends_and_set_are_typed(tmp_path):
-    cfg = load_recipe(ROOT / "recipes" / "debug.yaml", ["train.steps=12", "optim.lr=3e-4", "data.views=[frontal, lateral]"])
-    assert cfg.train.steps == 12 and cfg.optim.lr == pytest.approx(3e-4) and cfg.data.views == ["frontal", "lateral"]
+    cfg = load_recipe(
+        ROOT / "recipes" / "debug.yaml",
+        ["train.steps=12", "optim.lr=3e-4", "data.views=[frontal, lateral]"],
+    )
+    assert (
+        cfg.train.steps == 12
+        and cfg.optim.lr == pytest.approx(3e-4)
+        and cfg.data.views == ["frontal", "lateral"]
+    )
     # debug extends local_mi extends base: values come from all three levels.
-    assert cfg.name == "debug" and cfg.optim.group_lr == {"text": 2e-5} and cfg.data.drop_last is True
-    with pytest.raises(ConfigError, match=r"--set train\.steps=1\.5\): train\.steps: expected int, got 1\.5"):
+    assert (
+        cfg.name == "debug" and cfg.optim.group_lr == {"text": 2e-5} and cfg.data.drop_last is True
+    )
+    with pytest.raises(
+        ConfigError, match=r"--set train\.steps=1\.5\): train\.steps: expected int, got 1\.5"
+    ):
         load_recipe(ROOT / "recipes" / "debug.yaml", ["train.steps=1.5"])
