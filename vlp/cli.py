@@ -61,12 +61,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_shards(args: argparse.Namespace) -> int:
-    from vlp.data.convert import main as convert_main
-
-    return convert_main(args.converter_args)
-
-
 def cmd_phantom(args: argparse.Namespace) -> int:
     from vlp.data.phantom import PhantomConfig, generate, write_preview
 
@@ -192,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "converter_args", nargs=argparse.REMAINDER, help="arguments of tools/make_shards.py"
     )
-    p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser(
         "phantom",
@@ -270,6 +263,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["shards"]:
+        # Everything after `shards` belongs to the converter's own parser (--help included),
+        # which argparse's REMAINDER would not pass on when it starts with an option.
+        from vlp.data.convert import main as convert_main
+
+        return convert_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -75,12 +75,19 @@ def fast_auroc(y_true, scores) -> float:
     return float(u / (positives * negatives))
 
 
+def _nonempty(y_true) -> np.ndarray:
+    y = np.asarray(y_true)
+    if y.shape[0] == 0:
+        raise MetricUndefined("no labelled samples")
+    return y
+
+
 def f1(y_true, y_pred) -> float:
-    return float(f1_score(np.asarray(y_true), np.asarray(y_pred), zero_division=0))
+    return float(f1_score(_nonempty(y_true), np.asarray(y_pred), zero_division=0))
 
 
 def accuracy(y_true, y_pred) -> float:
-    return float(accuracy_score(np.asarray(y_true), np.asarray(y_pred)))
+    return float(accuracy_score(_nonempty(y_true), np.asarray(y_pred)))
 
 
 def macro_f1(y_true, y_pred, labels=None) -> float:
