@@ -125,8 +125,13 @@ def test_bad_recipe_fails_before_any_process_group(tmp_path):
     assert "train.stesp: unknown key; did you mean 'steps'?" in proc.stderr
 
 
-def test_two_rank_zero2_equals_one_process(tmp_path, cache):
-    overrides = [*NO_BN, "deepspeed.zero_stage=2", "train.steps=3", "checkpoint.every=100"]
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_zero_equals_one_process_and_exports(tmp_path, cache, stage):
+    from safetensors.torch import load_file
+
+    from vlp.training.export import export, load_model
+
+    overrides = [*NO_BN, f"deepspeed.zero_stage={stage}", "train.steps=3", "checkpoint.every=100"]
     one = run_training(tmp_path, "one", overrides=overrides, synthetic=8, cache=cache)[0]
     two = run_training(tmp_path, "two", ranks=2, overrides=overrides, synthetic=8, cache=cache)
     assert len(one["losses"]) == 3
@@ -134,11 +139,25 @@ def test_two_rank_zero2_equals_one_process(tmp_path, cache):
         # Logged losses are averaged over ranks: the 1-process loss on the global batch.
         assert rank_history["losses"] == pytest.approx(one["losses"], abs=1e-5)
     assert one["losses"][0] != pytest.approx(one["losses"][-1], abs=1e-4), "training did not move"
+    # The sharded checkpoint consolidates to the same weights the single process trained.
+    single = load_file(str(export(tmp_path / "one") / "model.safetensors"))
+    sharded = load_file(str(export(tmp_path / "two") / "model.safetensors"))
+    assert single.keys() == sharded.keys()
+    for name in single:
+        assert sharded[name].shape == single[name].shape, name
+        assert (sharded[name] - single[name]).abs().max() < 1e-4, name
+    model, _ = load_model(tmp_path / "two" / "export")
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in sharded.values())
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_exact_resume_on_phantom_shards(tmp_path, cache, ranks):
-    base = ["train.steps=6", "checkpoint.every=3", "data.workers=1"]
+@pytest.mark.parametrize(("ranks", "stage"), [(1, 0), (2, 2)])
+def test_exact_resume_on_phantom_shards(tmp_path, cache, ranks, stage):
+    base = [
+        "train.steps=6",
+        "checkpoint.every=3",
+        "data.workers=1",
+        f"deepspeed.zero_stage={stage}",
+    ]
     full = run_training(tmp_path, f"full{ranks}", ranks=ranks, overrides=base, cache=cache)
     run_dir = tmp_path / f"split{ranks}"
     first = run_training(
