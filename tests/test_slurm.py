@@ -69,7 +69,7 @@ def test_vlp_submit_through_submitit_runs_on_slurm(cluster, tmp_path):
     )
     proc = subprocess.run(
         [
-            sys.executable, "-m", "vlp.cli", "submit", "recipes/debug.yaml", "--gpus-per-node", "0",
+            sys.executable, "-m", "vlp.cli", "submit", "recipes/debug.yaml", "--gpus-per-node", "0", "--cpus-per-task", "1",
             "--time", "10", "--run-dir", str(run_dir), "--set", "train.steps=2", "--set", "checkpoint.every=2",
         ],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,

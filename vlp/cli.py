@@ -49,6 +49,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         partition=args.partition,
         account=args.account,
         time_min=args.time,
+        cpus_per_task=args.cpus_per_task,
         run_dir=args.run_dir,
     )
     return 0
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None, help="Slurm partition")
     p.add_argument("--account", default=None, help="Slurm account")
     p.add_argument("--time", type=int, default=60 * 24, help="time limit in minutes (default 1440)")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (default 8)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser(
