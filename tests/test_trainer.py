@@ -125,13 +125,32 @@ def test_bad_recipe_fails_before_any_process_group(tmp_path):
     assert "train.stesp: unknown key; did you mean 'steps'?" in proc.stderr
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_rank_zero_equals_one_process_and_exports(tmp_path, cache, stage):
+# ZeRO-3 gathers a module's own parameters only inside its forward; timm's ViT reads
+# pos_embed/cls_token in forward_features, which the tower calls, so ZeRO-3 uses a
+# batch-norm-free CNN (ConvNeXt, layer norm) here.
+CONVNEXT = [
+    "model.image.name=convnext_atto",
+    "model.image.image_size=64",
+    "model.image.params={}",
+    "data.image_size=64",
+]
+
+
+@pytest.mark.parametrize(
+    ("stage", "tower"), [(2, []), (3, CONVNEXT)], ids=["zero2-vit", "zero3-convnext"]
+)
+def test_two_rank_zero_equals_one_process_and_exports(tmp_path, cache, stage, tower):
     from safetensors.torch import load_file
 
     from vlp.training.export import export, load_model
 
-    overrides = [*NO_BN, f"deepspeed.zero_stage={stage}", "train.steps=3", "checkpoint.every=100"]
+    overrides = [
+        *NO_BN,
+        *tower,
+        f"deepspeed.zero_stage={stage}",
+        "train.steps=3",
+        "checkpoint.every=100",
+    ]
     one = run_training(tmp_path, "one", overrides=overrides, synthetic=8, cache=cache)[0]
     two = run_training(tmp_path, "two", ranks=2, overrides=overrides, synthetic=8, cache=cache)
     assert len(one["losses"]) == 3
