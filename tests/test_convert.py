@@ -844,3 +844,39 @@ def test_conversion_error_is_raised_by_library_api(tmp_path):
 
     with pytest.raises(ConversionError, match="image table not found"):
         read_table_adapter(str(tmp_path / "nope.csv"))
+
+
+def test_resume_after_sigkill_of_a_real_conversion(tmp_path):
+    """Kill `tools/make_shards.py` with SIGKILL mid-run; the rerun completes it, byte-identical."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vlp.data.phantom import PhantomConfig, generate
+
+    root = tmp_path / "phantom"
+    generate(root, PhantomConfig(patients=40, seed=3, image_size=1024), progress=False)
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "make_shards.py")
+
+    def command(out):
+        return [sys.executable, tool, "mimic", "--root", str(root), "--out", str(out),
+                "--image-size", "512", "--shard-size", "4", "--workers", "1"]  # fmt: skip
+
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert subprocess.run(command(clean), capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(str(killed / "train" / "shard-*.tar")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "train" / "manifest.json").exists(), (
+        "the conversion finished before the kill"
+    )
+    finished_before = set(glob.glob(str(killed / "*" / "shard-*.tar")))
+    assert finished_before, "no shard was finished before the kill"
+    assert subprocess.run(command(killed), capture_output=True, timeout=600).returncode == 0
+    assert not glob.glob(str(killed / "*" / "*.tmp"))
+    assert tree_hashes(str(killed)) == tree_hashes(str(clean))
