@@ -84,6 +84,56 @@ JSON_FIELDS = {
 }
 
 
+# ----------------------------------------------------------------- input tables
+# MIMIC-CXR-JPG and companion tables (edema severity, MS-CXR, MS-CXR-T): written by the
+# phantom, read by the converter's ``mimic`` adapter.
+
+METADATA_COLUMNS = (
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+)
+SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
+CHEXPERT_COLUMNS = ("subject_id", "study_id", *CHEXPERT_LABELS)
+EDEMA_COLUMNS = ("subject_id", "study_id", "edema_severity")
+MS_CXR_COLUMNS = (
+    "dicom_id",
+    "category",
+    "label_text",
+    "x",
+    "y",
+    "w",
+    "h",
+    "image_width",
+    "image_height",
+)
+MS_CXR_T_COLUMNS = (
+    "dicom_id",
+    "previous_dicom_id",
+    "study_id",
+    "subject_id",
+    *(f"{f}_progression" for f in PROGRESSION_FINDINGS),
+)
+
+TABLE_FILES = {
+    "metadata": "mimic-cxr-2.0.0-metadata.csv",
+    "split": "mimic-cxr-2.0.0-split.csv",
+    "chexpert": "mimic-cxr-2.0.0-chexpert.csv",
+    "edema": "regex_report_edema_severity.csv",
+    "ms_cxr": "MS_CXR_Local_Alignment_v1.0.0.csv",
+    "ms_cxr_t": "MS_CXR_T_temporal_image_classification_v1.0.0.csv",
+}
+
+
 def sample_key(subject_id: str | int, study_id: str | int) -> str:
     """The ``__key__`` of a study."""
     return f"p{subject_id}-s{study_id}"

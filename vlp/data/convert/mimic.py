@@ -46,14 +46,22 @@ from vlp.data.convert.records import (
     parse_progression,
     read_table,
 )
-from vlp.data.schema import CHEXPERT_LABELS, sample_key
+from vlp.data.schema import (
+    CHEXPERT_COLUMNS,
+    CHEXPERT_LABELS,
+    EDEMA_COLUMNS,
+    MS_CXR_COLUMNS,
+    SPLIT_COLUMNS,
+    TABLE_FILES,
+    sample_key,
+)
 
-METADATA = "mimic-cxr-2.0.0-metadata.csv"
-SPLIT = "mimic-cxr-2.0.0-split.csv"
-CHEXPERT = ("mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-negbio.csv")
-EDEMA = "regex_report_edema_severity.csv"
-BOXES = "MS_CXR_Local_Alignment_v1.0.0.csv"
-PROGRESSION = "MS_CXR_T_temporal_image_classification_v1.0.0.csv"
+METADATA = TABLE_FILES["metadata"]
+SPLIT = TABLE_FILES["split"]
+CHEXPERT = (TABLE_FILES["chexpert"], "mimic-cxr-2.0.0-negbio.csv")
+EDEMA = TABLE_FILES["edema"]
+BOXES = TABLE_FILES["ms_cxr"]
+PROGRESSION = TABLE_FILES["ms_cxr_t"]
 
 
 def study_dir(root: str, subject_id: str, study_id: str) -> str:
@@ -96,9 +104,7 @@ def read_mimic(
     inputs["metadata"] = fingerprint_file(metadata_path)
 
     split_path = os.path.join(root, SPLIT)
-    split_rows, bad, _ = read_table(
-        split_path, ["dicom_id", "study_id", "subject_id", "split"], "MIMIC-CXR-JPG split table"
-    )
+    split_rows, bad, _ = read_table(split_path, list(SPLIT_COLUMNS), "MIMIC-CXR-JPG split table")
     skips += bad
     inputs["split"] = fingerprint_file(split_path)
     check_subject_splits(
@@ -195,9 +201,7 @@ def read_mimic(
 def _read_chexpert(path, skips, inputs) -> dict:
     if path is None:
         return {}
-    rows, bad, _ = read_table(
-        path, ["subject_id", "study_id", *CHEXPERT_LABELS], "CheXpert label table"
-    )
+    rows, bad, _ = read_table(path, list(CHEXPERT_COLUMNS), "CheXpert label table")
     skips += bad
     inputs["chexpert"] = fingerprint_file(path)
     labels = {}
@@ -214,9 +218,7 @@ def _read_chexpert(path, skips, inputs) -> dict:
 def _read_edema(path, skips, inputs) -> dict:
     if path is None:
         return {}
-    rows, bad, _ = read_table(
-        path, ["subject_id", "study_id", "edema_severity"], "edema severity table"
-    )
+    rows, bad, _ = read_table(path, list(EDEMA_COLUMNS), "edema severity table")
     skips += bad
     inputs["edema"] = fingerprint_file(path)
     severity = {}
@@ -234,17 +236,7 @@ def _read_boxes(path, skips, inputs) -> dict:
     """Boxes keyed by the dicom they are drawn on."""
     if path is None:
         return {}
-    columns = [
-        "dicom_id",
-        "category",
-        "label_text",
-        "x",
-        "y",
-        "w",
-        "h",
-        "image_width",
-        "image_height",
-    ]
+    columns = list(MS_CXR_COLUMNS)
     rows, bad, _ = read_table(path, columns, "MS-CXR box table")
     skips += bad
     inputs["boxes"] = fingerprint_file(path)

@@ -15,52 +15,17 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from vlp.data.schema import CHEXPERT_LABELS, PROGRESSION_FINDINGS
-
-METADATA_COLUMNS = (
-    "dicom_id",
-    "subject_id",
-    "study_id",
-    "PerformedProcedureStepDescription",
-    "ViewPosition",
-    "Rows",
-    "Columns",
-    "StudyDate",
-    "StudyTime",
-    "ProcedureCodeSequence_CodeMeaning",
-    "ViewCodeSequence_CodeMeaning",
-    "PatientOrientationCodeSequence_CodeMeaning",
+from vlp.data.schema import (
+    CHEXPERT_COLUMNS,
+    CHEXPERT_LABELS,
+    EDEMA_COLUMNS,
+    METADATA_COLUMNS,
+    MS_CXR_COLUMNS,
+    MS_CXR_T_COLUMNS,
+    PROGRESSION_FINDINGS,
+    SPLIT_COLUMNS,
+    TABLE_FILES,
 )
-SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
-CHEXPERT_COLUMNS = ("subject_id", "study_id", *CHEXPERT_LABELS)
-EDEMA_COLUMNS = ("subject_id", "study_id", "edema_severity")
-MS_CXR_COLUMNS = (
-    "dicom_id",
-    "category",
-    "label_text",
-    "x",
-    "y",
-    "w",
-    "h",
-    "image_width",
-    "image_height",
-)
-MS_CXR_T_COLUMNS = (
-    "dicom_id",
-    "previous_dicom_id",
-    "study_id",
-    "subject_id",
-    *(f"{f}_progression" for f in PROGRESSION_FINDINGS),
-)
-
-TABLE_FILES = {
-    "metadata": "mimic-cxr-2.0.0-metadata.csv",
-    "split": "mimic-cxr-2.0.0-split.csv",
-    "chexpert": "mimic-cxr-2.0.0-chexpert.csv",
-    "edema": "regex_report_edema_severity.csv",
-    "ms_cxr": "MS_CXR_Local_Alignment_v1.0.0.csv",
-    "ms_cxr_t": "MS_CXR_T_temporal_image_classification_v1.0.0.csv",
-}
 
 #: Grounding category of each finding type (MS-CXR names where MS-CXR has the class).
 CATEGORY = {
