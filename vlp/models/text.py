@@ -20,6 +20,7 @@ states to one vector per text ([CLS] or masked mean). All sentences of a batch a
 from __future__ import annotations
 
 import importlib.util
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,9 @@ class TextTowerConfig:
     #: truncation length when the tower tokenises raw strings itself (``encode_texts``).
     max_length: int = 256
     gradient_checkpointing: bool = False
+    #: a frozen tower (text learning rate 0) memoises up to this many pooled embeddings,
+    #: keyed by token ids, so a sentence seen before costs no forward pass; 0 turns it off.
+    frozen_cache_size: int = 0
     params: dict = field(default_factory=dict)
 
 
@@ -122,6 +126,22 @@ class TextTower(nn.Module):
         self.hidden_size = int(model.config.hidden_size)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        self.frozen_cache_size = int(cfg.frozen_cache_size)
+        if self.frozen_cache_size < 0:
+            raise ValueError("model.text.frozen_cache_size must be >= 0")
+        # Not module state: rebuilt on demand, never checkpointed.
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    @property
+    def frozen(self) -> bool:
+        """True when no parameter trains (the recipe's text learning rate is 0)."""
+        return not any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode: bool = True):
+        """A frozen tower stays in eval mode: no dropout, so its embeddings are a fixed
+        function of the text (what a frozen encoder means, and what makes caching exact)."""
+        super().train(mode and not self.frozen)
+        return self
 
     def no_weight_decay(self) -> set[str]:
         return set()
@@ -140,6 +160,40 @@ class TextTower(nn.Module):
             # HF models reject empty batches; keep the graph connected for DDP.
             anchor = next(self.parameters())
             return anchor.new_zeros(0, self.hidden_size) + 0 * anchor.sum()
+        if self.frozen:
+            with torch.no_grad():
+                if self.frozen_cache_size:
+                    return self._cached(input_ids, attention_mask, pooling)
+                return self._pool(input_ids, attention_mask, pooling)
+        return self._pool(input_ids, attention_mask, pooling)
+
+    def _cached(self, input_ids, attention_mask, pooling: str) -> torch.Tensor:
+        """Pooled embeddings through an LRU cache keyed by (pooling, unpadded token ids).
+
+        Padding does not change a masked encoder's output, so a text gets the same key
+        (and the same embedding, up to float rounding) in any batch.
+        """
+        keys = [
+            pooling.encode() + b":" + ids[mask.bool()].cpu().numpy().tobytes()
+            for ids, mask in zip(input_ids, attention_mask)
+        ]
+        first_row: dict[bytes, int] = {}
+        for row, key in enumerate(keys):
+            first_row.setdefault(key, row)
+        todo = [row for key, row in first_row.items() if key not in self._cache]
+        if todo:
+            rows = torch.tensor(todo, device=input_ids.device)
+            fresh = self._pool(input_ids[rows], attention_mask[rows], pooling)
+            for row, vector in zip(todo, fresh):
+                self._cache[keys[row]] = vector
+        out = torch.stack([self._cache[key] for key in keys])
+        for key in first_row:
+            self._cache.move_to_end(key)
+        while len(self._cache) > self.frozen_cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def _pool(self, input_ids, attention_mask, pooling: str) -> torch.Tensor:
         states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if pooling == "cls":
             return states[:, 0]
