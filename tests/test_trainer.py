@@ -284,3 +284,23 @@ def test_sigusr1_checkpoints_and_resume_auto_continues(tmp_path, cache):
         cache=cache,
     )[0]
     assert resumed["steps"] == [stopped + 1, stopped + 2]
+
+
+def test_time_limit_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, cache):
+    # 0.0001 minutes (6 ms) is over after the first step: both ranks must stop there
+    # together (the decision is all-reduced), leave a complete checkpoint, and resume.
+    histories = run_training(
+        tmp_path,
+        "limited",
+        ranks=2,
+        overrides=["train.steps=50", "train.time_limit_minutes=0.0001", "checkpoint.every=1000"],
+        cache=cache,
+    )
+    assert [h["steps"] for h in histories] == [[1], [1]]
+    assert all(h["time_limited"] and not h["preempted"] for h in histories)
+    run_dir = tmp_path / "limited"
+    assert (run_dir / "step-1" / "COMPLETE").is_file()
+    assert (
+        "train.time_limit_minutes (0.0001) reached at step 1 of 50"
+        in (run_dir / "log.txt").read_text()
+    )

@@ -81,6 +81,9 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0
     log_every: int = 10
+    #: stop after this many minutes of training (checkpoint saved, ``--resume auto``
+    #: continues); 0 = no limit. A guard for fixed budgets such as ``vlp demo``.
+    time_limit_minutes: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
@@ -88,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.time_limit_minutes < 0:
+            raise ValueError(f"time_limit_minutes must be >= 0, got {self.time_limit_minutes}")
 
 
 @dataclass

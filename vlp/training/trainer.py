@@ -228,7 +228,13 @@ def pretrain(
     flag = PreemptionFlag()
     flag.install()
     monitor = Monitor(run_dir, rank, cfg.train.steps, start_step, cfg.train.log_every)
-    history = {"steps": [], "losses": [], "run_dir": str(run_dir), "preempted": False}
+    history = {
+        "steps": [],
+        "losses": [],
+        "run_dir": str(run_dir),
+        "preempted": False,
+        "time_limited": False,
+    }
     accum = cfg.deepspeed.gradient_accumulation_steps
     global_batch = cfg.data.batch_size * accum * world
 
@@ -240,6 +246,8 @@ def pretrain(
     own_grad_norm = cfg.deepspeed.zero_stage == 0 and not cfg.deepspeed.bf16
     grad_norm = None
     step = start_step
+    limit_s = 60.0 * cfg.train.time_limit_minutes
+    t_train = time.perf_counter()
     try:
         while step < cfg.train.steps:
             t_step = time.perf_counter()
@@ -267,12 +275,15 @@ def pretrain(
             step += 1
             # Mean over micro-batches and ranks: what a single process would have logged.
             names = sorted(logs_sum)
+            out_of_time = limit_s > 0 and time.perf_counter() - t_train > limit_s
             packed = torch.tensor(
-                [logs_sum[n] / accum for n in names] + [float(flag.raised)], dtype=torch.float64
+                [logs_sum[n] / accum for n in names] + [float(flag.raised), float(out_of_time)],
+                dtype=torch.float64,
             )
-            dist.all_reduce(packed)
-            values = (packed[:-1] / world).tolist()
-            stop = bool(packed[-1] > 0)
+            dist.all_reduce(packed)  # every rank stops at the same step
+            values = (packed[:-2] / world).tolist()
+            preempted, out_of_time = bool(packed[-2] > 0), bool(packed[-1] > 0)
+            stop = preempted or out_of_time
             scalars = dict(zip(names, values))
             elapsed = time.perf_counter() - t_step
             for group in optimizer.param_groups:
@@ -300,6 +311,16 @@ def pretrain(
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
                 checkpoint.save(engine, run_dir, step, trainer_state(), cfg.checkpoint.keep)
                 LOG.info("checkpoint step-%d saved", step)
+            if out_of_time and not preempted:
+                LOG.warning(
+                    "train.time_limit_minutes (%g) reached at step %d of %d: checkpoint saved; "
+                    "--resume auto continues",
+                    cfg.train.time_limit_minutes,
+                    step,
+                    cfg.train.steps,
+                )
+                history["time_limited"] = True
+                break
             if stop:
                 LOG.warning(
                     "preemption signal received: checkpoint at step %d saved, exiting", step
