@@ -80,7 +80,8 @@ def _measure(variant, studies, sentences, repeats, queue):
     torch.manual_seed(0)
     dims = FeatureDims(embed_dim=768, local_dim=LOCAL_DIM, sentence_dim=SENTENCE_DIM)
     objective = build_objective(
-        ObjectiveSpec("local_mi", params={"hidden_dims": HIDDEN, "estimator": "cpc"}), dims
+        ObjectiveSpec("local_mi", params={"critic": {"hidden_dims": HIDDEN}, "estimator": "cpc"}),
+        dims,
     )
     times, peaks, value = [], [], None
     for _ in range(repeats):

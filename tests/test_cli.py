@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -79,6 +80,7 @@ def test_readme_examples_run_in_order(tmp_path):
         "pretrain-debug",
         "export",
         "zero-shot",
+        "grounding",
     ]
     for name in ("recipes", "tools"):
         (tmp_path / name).symlink_to(ROOT / name)
@@ -107,3 +109,5 @@ def test_readme_examples_run_in_order(tmp_path):
     assert (tmp_path / "data" / "phantom-shards" / "train" / "manifest.json").is_file()
     assert (tmp_path / "runs" / "debug" / "export" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "debug" / "eval-zs" / "results.json").is_file()
+    grounding = json.loads((tmp_path / "runs/debug/eval-grounding/results.json").read_text())
+    assert grounding["similarity"].startswith("local MI critic")

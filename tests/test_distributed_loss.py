@@ -122,8 +122,8 @@ def _build():
     )
     specs = [
         ObjectiveSpec("clip"),
-        ObjectiveSpec("global_mi", 0.5, {"hidden_dims": [16, 8]}),
-        ObjectiveSpec("local_mi", 0.7, {"hidden_dims": [16, 8], "chunk_size": 64}),
+        ObjectiveSpec("global_mi", 0.5, {"critic": {"hidden_dims": [16, 8]}}),
+        ObjectiveSpec("local_mi", 0.7, {"critic": {"hidden_dims": [16, 8]}, "chunk_size": 64}),
     ]
     return build_model(cfg, specs).eval()
 
@@ -175,7 +175,9 @@ def _mi_objectives():
     torch.manual_seed(2)
     dims = FeatureDims(embed_dim=6, local_dim=5, sentence_dim=7)
     objectives = {
-        name: build_objective(ObjectiveSpec(name, params={"hidden_dims": [16, 8], **extra}), dims)
+        name: build_objective(
+            ObjectiveSpec(name, params={"critic": {"hidden_dims": [16, 8]}, **extra}), dims
+        )
         for name, extra in (("global_mi", {}), ("local_mi", {"chunk_size": 16}))
     }
     g = torch.Generator().manual_seed(3)

@@ -131,7 +131,7 @@ def _png_ok(path) -> None:
 
 def test_zero_shot(setup):
     results, table, out = _eval(setup, "zero-shot", "train")
-    assert results["similarity"] == "local_critic"  # the debug recipe is local-MI
+    assert results["similarity"].startswith("local MI critic")  # the debug recipe is local-MI
     auroc = results["auroc"]["Pleural Effusion"]
     assert 0.0 <= auroc["value"] <= 1.0 and auroc["ci"][0] <= auroc["value"] <= auroc["ci"][1]
     assert results["per_prompt_auroc"]["Cardiomegaly"]
@@ -189,6 +189,32 @@ def test_retrieval(setup):
     assert 0 <= results["image_to_report"]["R@1"]["value"] <= 1
     assert results["image_to_report"]["median_rank"]["value"] >= 1
     assert "image to report" in table
+    assert "mean of its sentences" in results["similarity_note"]  # local-MI critic
+    # Brute force: each image against each report, one study and one sentence at a time.
+    import numpy as np
+    import torch
+
+    from vlp.evaluation.features import eval_loader, scorer_of
+    from vlp.evaluation.retrieval import recall_at
+    from vlp.training.export import load_model
+
+    model, _ = load_model(setup[2])
+    scorer = scorer_of(model)
+    images, sentences = [], []
+    with torch.no_grad():
+        for batch in eval_loader(model, setup[1] / "train", batch_size=4):
+            feats = model.encode_image(batch["frontal"])
+            for b, record in enumerate(batch["meta"]):
+                images.append({"image_local": feats["image_local"][b : b + 1]})
+                sentences.append(model.encode_text(record["sentences"], kind="sentence"))
+        score = np.array(
+            [[float(scorer.scores(im, s)[0].mean()) for s in sentences] for im in images]
+        )
+    rank = np.array([1 + int((row > row[i]).sum()) for i, row in enumerate(score)])
+    assert results["samples"] == len(images)
+    for k in (1, 5, 10):
+        expected = recall_at(rank, k)
+        assert results["image_to_report"][f"R@{k}"]["value"] == pytest.approx(expected)
 
 
 def test_grounding(setup):

@@ -192,6 +192,33 @@ def test_tiny_text_tower_pools_and_handles_empty_batches():
     assert empty.shape == (0, 64)
 
 
+def test_frozen_text_tower_runs_without_dropout_and_its_cache_is_exact():
+    tower = build_text_tower(TextTowerConfig(name="tiny", frozen_cache_size=3))
+    texts = ["left effusion", "no pneumothorax", "the heart is enlarged", "left effusion"]
+    tokens = tower.tokenize(texts)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    # Trainable: train mode applies dropout, so two passes differ.
+    tower.train()
+    assert not torch.allclose(tower(ids, mask), tower(ids, mask))
+    for param in tower.parameters():
+        param.requires_grad_(False)
+    tower.train()  # what the trainer does: a frozen tower must stay in eval mode
+    assert not tower.model.training
+    with torch.no_grad():
+        reference = tower._pool(ids, mask, "mean")  # the uncached forward
+    cached = tower(ids, mask)
+    assert torch.allclose(cached, reference, atol=1e-6)
+    assert not cached.requires_grad
+    assert len(tower._cache) == 3  # three distinct texts
+    # The same text in another batch (other padding) hits the cache with the same value.
+    alone = tower.tokenize(["no pneumothorax"])
+    assert torch.allclose(tower(alone["input_ids"], alone["attention_mask"])[0], reference[1])
+    # LRU bound: a fourth distinct text evicts the least recently used one.
+    other = tower.tokenize(["new text"])
+    tower(other["input_ids"], other["attention_mask"])
+    assert len(tower._cache) == 3
+
+
 # ----------------------------------------------------------------------------- heads, model
 
 
@@ -239,7 +266,7 @@ def tiny_model():
     torch.manual_seed(0)
     specs = [
         ObjectiveSpec("clip"),
-        ObjectiveSpec("local_mi", 0.5, {"hidden_dims": [16, 8]}),
+        ObjectiveSpec("local_mi", 0.5, {"critic": {"hidden_dims": [16, 8]}}),
     ]
     return build_model(_tiny_cfg(), specs)
 
@@ -291,7 +318,7 @@ def test_global_from_mean_local_is_mean_of_projected_patches():
 def test_param_groups_cover_every_parameter_once():
     cfg = _tiny_cfg()
     cfg.image = ImageTowerConfig(name="timm:test_vit", image_size=64, params={"img_size": 64})
-    model = build_model(cfg, [ObjectiveSpec("global_mi", params={"hidden_dims": [8]})])
+    model = build_model(cfg, [ObjectiveSpec("global_mi", params={"critic": {"hidden_dims": [8]}})])
     groups = model_param_groups(model)
     names = [n for g in groups for n in g["names"]]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
@@ -300,7 +327,9 @@ def test_param_groups_cover_every_parameter_once():
     assert by_name["image_tower.model.pos_embed"] == ("image", True)
     assert by_name["image_tower.model.patch_embed.proj.weight"] == ("image", False)
     assert by_name["report_head.net.0.weight"] == ("heads", False)
-    assert by_name["objectives.global_mi.critic.image_in.bias"] == ("objectives", True)
+    # The separable critic: its projections' biases and its temperature are not decayed.
+    assert by_name["objectives.global_mi.critic.image_net.2.bias"] == ("objectives", True)
+    assert by_name["objectives.global_mi.critic.log_scale"] == ("objectives", True)
     assert any(g == ("text", False) for g in by_name.values())
 
 

@@ -13,6 +13,8 @@ from vlp.objectives.contrastive import pick_random_sentence
 from vlp.objectives.mi import ConcatCritic, dv_bound, infonce_bound
 
 DIMS = FeatureDims(embed_dim=6, local_dim=5, sentence_dim=7)
+#: Liao et al.'s local MI as published: the max over regions (Eq. 5).
+PAPER = {"region_pool": "max"}
 
 
 # ----------------------------------------------------------------------------- bounds
@@ -167,7 +169,12 @@ def _loop_local_mi(critic, features, estimator):
 @pytest.mark.parametrize("chunk_size", [5, 100000])
 def test_local_mi_equals_loop_values_and_gradients(estimator, chunk_size):
     torch.manual_seed(0)
-    params = {"estimator": estimator, "hidden_dims": [16, 8], "chunk_size": chunk_size}
+    params = {
+        **PAPER,
+        "estimator": estimator,
+        "critic": {"kind": "concat", "hidden_dims": [16, 8]},
+        "chunk_size": chunk_size,
+    }
     objective = build_objective(ObjectiveSpec("local_mi", params=params), DIMS)
     features = _local_features()
     loss = objective(features, {}).losses["mi"]
@@ -185,7 +192,12 @@ def test_local_mi_equals_loop_values_and_gradients(estimator, chunk_size):
 
 def test_region_scores_and_picked_region():
     torch.manual_seed(0)
-    objective = build_objective(ObjectiveSpec("local_mi", params={"hidden_dims": [16]}), DIMS)
+    objective = build_objective(
+        ObjectiveSpec(
+            "local_mi", params={**PAPER, "critic": {"kind": "concat", "hidden_dims": [16]}}
+        ),
+        DIMS,
+    )
     features = _local_features()
     weight, bias = objective.critic.first_layer()
     grid = objective.region_scores(features)
@@ -201,7 +213,12 @@ def test_region_scores_and_picked_region():
 
 def test_loss_backpropagates_only_through_the_picked_regions():
     torch.manual_seed(0)
-    objective = build_objective(ObjectiveSpec("local_mi", params={"hidden_dims": [16]}), DIMS)
+    objective = build_objective(
+        ObjectiveSpec(
+            "local_mi", params={**PAPER, "critic": {"kind": "concat", "hidden_dims": [16]}}
+        ),
+        DIMS,
+    )
     # one sentence, of image 0; images 1 and 2 are negatives
     features = _local_features(sentences_per_image=(1, 0, 0), studies=(1, 2, 3))
     scores, _, negative, best = objective.scores(features)
@@ -220,7 +237,11 @@ def test_loss_backpropagates_only_through_the_picked_regions():
 
 def test_local_mi_sampled_negatives_are_valid_and_distinct():
     objective = build_objective(
-        ObjectiveSpec("local_mi", params={"num_negatives": 3, "hidden_dims": [8]}), DIMS
+        ObjectiveSpec(
+            "local_mi",
+            params={**PAPER, "num_negatives": 3, "critic": {"kind": "concat", "hidden_dims": [8]}},
+        ),
+        DIMS,
     )
     studies = torch.tensor([5, 5, 6, 7, 8, 9])
     own = torch.tensor([0, 0, 1, 2, 5])
@@ -238,7 +259,12 @@ def test_local_mi_sampled_negatives_are_valid_and_distinct():
 
 
 def test_local_mi_without_sentences_is_a_connected_zero():
-    objective = build_objective(ObjectiveSpec("local_mi", params={"hidden_dims": [8]}), DIMS)
+    objective = build_objective(
+        ObjectiveSpec(
+            "local_mi", params={**PAPER, "critic": {"kind": "concat", "hidden_dims": [8]}}
+        ),
+        DIMS,
+    )
     features = _local_features(sentences_per_image=(0, 0, 0, 0, 0))
     loss = objective(features, {}).losses["mi"]
     assert float(loss.detach()) == 0.0
@@ -248,7 +274,12 @@ def test_local_mi_without_sentences_is_a_connected_zero():
 
 def test_local_mi_ignores_padding_sentences():
     torch.manual_seed(0)
-    objective = build_objective(ObjectiveSpec("local_mi", params={"hidden_dims": [8]}), DIMS)
+    objective = build_objective(
+        ObjectiveSpec(
+            "local_mi", params={**PAPER, "critic": {"kind": "concat", "hidden_dims": [8]}}
+        ),
+        DIMS,
+    )
     features = _local_features()
     padded = dict(features)
     padded["sentence"] = torch.cat([features["sentence"], torch.randn(2, DIMS.sentence_dim)])
@@ -265,7 +296,7 @@ def test_local_mi_ignores_padding_sentences():
 @pytest.mark.parametrize("estimator", ["cpc", "mine"])
 def test_global_mi_equals_loop_and_excludes_same_study(estimator):
     torch.manual_seed(0)
-    params = {"estimator": estimator, "hidden_dims": [16, 8]}
+    params = {"estimator": estimator, "critic": {"kind": "concat", "hidden_dims": [16, 8]}}
     objective = build_objective(ObjectiveSpec("global_mi", params=params), DIMS)
     g = torch.Generator().manual_seed(3)
     image = torch.randn(5, 6, generator=g)

@@ -225,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prompts", default=None, help="prompt YAML for zero-shot (default: shipped prompts)"
     )
+    p.add_argument(
+        "--scorer",
+        default=None,
+        metavar="OBJECTIVE",
+        help="zero-shot, retrieval, grounding: score images against texts with this "
+        "objective's scorer (default: the recipe's first objective that defines one)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")

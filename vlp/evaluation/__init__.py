@@ -45,6 +45,8 @@ def run_evaluator(task: str, args: argparse.Namespace) -> dict:
     )
     extra: dict = {}
     train_data = getattr(args, "train_data", None)
+    if task in ("zero-shot", "retrieval", "grounding"):
+        extra["objective"] = getattr(args, "scorer", None)
     if task == "zero-shot":
         extra["prompts"] = getattr(args, "prompts", None)
     elif task in ("linear-probe", "edema"):

@@ -10,7 +10,7 @@ patterns), so a second evaluator on the same checkpoint and split reads them bac
 Also here, shared by the evaluators: locating the sibling splits of a split
 (``.../test`` → ``.../train``, ``.../validate``), building the evaluation loader for a
 model, a randomly re-initialised copy of a model, and access to a model's image–text
-scores (cosine, or the local/global MI critic; :func:`similarity_mode`).
+scorer (:func:`scorer_of`).
 """
 
 from __future__ import annotations
@@ -125,29 +125,33 @@ def random_init_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return clone.eval()
 
 
-#: How image and text are compared (see :func:`similarity_mode`).
-SIMILARITY_MODES = ("cosine", "local_critic", "global_critic")
+def scorer_of(model, objective: str | None = None, regions: bool = False):
+    """The :class:`vlp.objectives.scoring.Scorer` an evaluator compares images and texts with.
 
-
-def similarity_mode(model, requested: str = "auto") -> str:
-    """Which image–text score an evaluator uses for ``model``.
-
-    ``auto``: cosine of ``image_global`` and ``report`` embeddings when the model was
-    trained with a contrastive objective (``clip``); otherwise the MI critic it was trained
-    with (``local_mi``: max over regions of the sentence–region critic, Liao et al. 2021
-    Eq. 5; ``global_mi``: the image–report critic); cosine when it has neither.
+    ``objective`` names the objective whose score to use. By default: the first objective
+    of the recipe that defines a score (with ``regions``, the first whose score has region
+    maps, for grounding), else the cosine of the global image and report embeddings.
     """
-    objectives = set(getattr(model, "objectives", {}).keys())
-    if requested != "auto":
-        if requested not in SIMILARITY_MODES:
-            raise ValueError(f"similarity must be 'auto' or one of {SIMILARITY_MODES}")
-        needs = {"local_critic": "local_mi", "global_critic": "global_mi"}.get(requested)
-        if needs and needs not in objectives:
-            raise ValueError(f"similarity {requested!r} needs a {needs} objective in the model")
-        return requested
-    if "clip" in objectives or not objectives & {"local_mi", "global_mi"}:
-        return "cosine"
-    return "local_critic" if "local_mi" in objectives else "global_critic"
+    from vlp.objectives.scoring import CosineScorer
+
+    objectives = dict(getattr(model, "objectives", {}).items())
+    if objective is not None:
+        if objective not in objectives:
+            raise ValueError(
+                f"scorer: the model has no objective {objective!r} (it has {sorted(objectives)})"
+            )
+        found = objectives[objective].scorer()
+        if found is None:
+            raise ValueError(f"scorer: objective {objective!r} defines no image-text score")
+        return found
+    scorers = [s for s in (o.scorer() for o in objectives.values()) if s is not None]
+    if regions:
+        scorers = [s for s in scorers if s.has_regions] or scorers
+    if scorers:
+        return scorers[0]
+    dims = getattr(model, "dims", None)
+    shared = dims is not None and dims.local_dim == dims.embed_dim
+    return CosineScorer("report", region_text_kind="report" if shared else None)
 
 
 @torch.no_grad()
@@ -158,26 +162,6 @@ def text_embeddings(model, texts: list[str], kind: str, batch_size: int = 64) ->
         for i in range(0, len(texts), batch_size)
     ]
     return torch.cat(rows) if rows else torch.zeros(0, 0)
-
-
-@torch.no_grad()
-def local_critic_scores(model, image_local: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """``B×R×Dl`` regions and ``P×Ds`` sentence embeddings → ``B×P×R`` local-MI critic
-    scores (the ``local_mi`` objective's ``region_scores``, every sentence on every image)."""
-    objective = model.objectives["local_mi"]
-    batch, prompts = image_local.shape[0], text.shape[0]
-    features = {
-        "image_local": image_local,
-        "sentence": text.repeat(batch, 1),
-        "sentence_index": torch.arange(batch, device=text.device).repeat_interleave(prompts),
-    }
-    return objective.region_scores(features).view(batch, prompts, -1)
-
-
-@torch.no_grad()
-def global_critic_scores(model, image_global: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """``B×D`` images and ``P×D`` report-space embeddings → ``B×P`` global-MI critic scores."""
-    return model.objectives["global_mi"].critic.pair_scores(image_global, text)
 
 
 def eval_loader(

@@ -4,12 +4,12 @@ For each study and each distinct box phrase of its frontal view (boxes sharing a
 one target, their union; Boecking et al., ECCV 2022, MS-CXR), a similarity map over the
 image's region grid is computed:
 
-* local-MI models (Liao et al., MICCAI 2021): the critic's score of each region with the
-  sentence, ``local_mi.region_scores`` (the statistic whose max over regions the objective
-  maximises);
-* other models: cosine of each projected local feature with the sentence embedding (BioViL
-  grounding), in the sentence space when its width matches the local features, else in the
-  report space; a model with neither compatible space is reported as unsupported.
+the model's scorer's region scores (:func:`vlp.evaluation.features.scorer_of`): for local-MI
+models (Liao et al., MICCAI 2021) the critic's score of each region with the sentence (the
+statistic the objective pools over regions); for contrastive models the cosine of each
+projected local feature with the phrase embedding (BioViL grounding, Boecking et al. 2022)
+when local features share the text space; a scorer without region scores is reported as
+unsupported.
 
 The map is upsampled bilinearly to the model's input size and compared with the box mask in
 the same pixel frame. Boxes are stored in the pixels of the stored image; the loader takes
@@ -45,7 +45,7 @@ from vlp.evaluation.features import (
     image_size_of,
     model_device,
     progress,
-    similarity_mode,
+    scorer_of,
     text_embeddings,
 )
 from vlp.evaluation.report import Table, write_results
@@ -121,35 +121,6 @@ def macro_mean(values: np.ndarray, categories: np.ndarray) -> float:
 # --------------------------------------------------------------------------- maps
 
 
-def grounding_space(model) -> tuple[str, str | None, str]:
-    """``(mode, text kind, explanation)``; mode ``unsupported`` when no space fits."""
-    mode = similarity_mode(model)
-    if mode == "local_critic":
-        return "local_critic", "sentence", "local-MI critic region scores (region_scores)"
-    dims = model.dims
-    if dims.sentence_dim == dims.local_dim:
-        return "cosine", "sentence", "cosine(local feature, sentence embedding)"
-    if dims.embed_dim == dims.local_dim:
-        return "cosine", "report", "cosine(local feature, report-space embedding)"
-    return (
-        "unsupported",
-        None,
-        f"local features ({dims.local_dim}-d) share no space with sentence "
-        f"({dims.sentence_dim}-d) or report ({dims.embed_dim}-d) embeddings and the model "
-        "has no local_mi critic",
-    )
-
-
-@torch.no_grad()
-def region_maps(model, mode: str, image_local, text, index) -> torch.Tensor:
-    """Per-target region scores ``T×R``; target t pairs ``text[t]`` with image ``index[t]``."""
-    if mode == "local_critic":
-        features = {"image_local": image_local, "sentence": text, "sentence_index": index}
-        return model.objectives["local_mi"].region_scores(features)
-    local = F.normalize(image_local.float(), dim=-1)[index]  # T×R×D
-    return torch.einsum("trd,td->tr", local, F.normalize(text.float(), dim=-1))
-
-
 def _targets(record: dict, image_size: int, counters: dict) -> list[dict]:
     """Box phrases of one study's frontal view, boxes mapped into the input frame."""
     labels = record.get("labels") or {}
@@ -176,6 +147,7 @@ def _targets(record: dict, image_size: int, counters: dict) -> list[dict]:
     return list(grouped.values())
 
 
+@torch.no_grad()
 def evaluate(
     model,
     data,
@@ -185,10 +157,15 @@ def evaluate(
     seed: int = 0,
     bootstrap: int = 1000,
     batch_size: int = 32,
+    objective: str | None = None,
 ) -> dict:
     """Grounding CNR and mIoU on the boxes of ``data``; writes results into ``out``."""
     out = Path(out)
-    mode, kind, explanation = grounding_space(model)
+    scorer = scorer_of(model, objective, regions=True)
+    kind = scorer.text_kind
+    explanation = scorer.description
+    if not scorer.has_regions:
+        explanation += ": no region scores (local features share no space with the texts)"
     results: dict = {
         "task": "grounding",
         "data": str(data),
@@ -198,7 +175,7 @@ def evaluate(
         "cnr_eps": CNR_EPS,
         "iou_thresholds": list(IOU_THRESHOLDS),
     }
-    if mode == "unsupported":
+    if not scorer.has_regions:
         results["status"] = "unsupported: " + explanation
         write_results(
             out, results, "Phrase grounding", [Table("Status", ["status"], [[results["status"]]])]
@@ -223,9 +200,8 @@ def evaluate(
         feats = model.encode_image(batch["frontal"].to(device))
         gh, gw = feats["image_grid"]
         text = text_embeddings(model, [t["phrase"] for t in targets], kind).to(device)
-        scores = region_maps(
-            model, mode, feats["image_local"], text, torch.tensor(index, device=device)
-        )
+        # Region scores T×R: target t is phrase t on image index[t].
+        scores = scorer.region_scores(feats, text, torch.tensor(index, device=device))
         heat = (
             F.interpolate(
                 scores.float().view(-1, 1, gh, gw),

@@ -101,6 +101,7 @@ def probe_labels(train, val, test, fraction, seed, bootstrap, labels=CHEXPERT_LA
     rows = subsample(len(train), fraction, seed)
     x_train, y_all = train.image_global[rows], train.labels[rows]
     result = {"train_studies": int(rows.size), "auroc": {}, "C": {}, "curves": {}}
+    score_matrix = np.full(test.labels.shape, np.nan)  # test scores of every probe
     for name in labels:
         j = CHEXPERT_LABELS.index(name)
         mask, y = metrics.binary_labels(y_all[:, j])
@@ -117,11 +118,13 @@ def probe_labels(train, val, test, fraction, seed, bootstrap, labels=CHEXPERT_LA
             x_val = val.image_global[val_mask]
         predict, c, rule = fit_probe(x_train[mask], y, x_val, y_val, seed)
         score = predict(test.image_global[test_mask])
+        score_matrix[test_mask, j] = score
         result["auroc"][name] = metrics.auroc_with_ci(y_test, score, bootstrap, seed)
         result["C"][name] = {"value": c, "rule": rule}
         result["curves"][name] = (y_test, score, result["auroc"][name]["value"])
     defined = [v["value"] for v in result["auroc"].values() if not math.isnan(v["value"])]
     result["mean_auroc"] = float(np.mean(defined)) if defined else float("nan")
+    result["mean_auroc_ci"] = metrics.mean_auroc_with_ci(test.labels, score_matrix, bootstrap, seed)
     return result
 
 
@@ -250,6 +253,7 @@ def evaluate(
         results[encoder_name] = {
             "auroc": {k: v["auroc"] for k, v in per_fraction.items()},
             "mean_auroc": {k: v["mean_auroc"] for k, v in per_fraction.items()},
+            "mean_auroc_ci": {k: v["mean_auroc_ci"] for k, v in per_fraction.items()},
             "train_studies": {k: v["train_studies"] for k, v in per_fraction.items()},
             "C": {k: v["C"] for k, v in per_fraction.items()},
             "samples": {k: len(v) for k, v in splits.items() if v is not None},

@@ -246,6 +246,29 @@ def auroc_with_ci(y_true, scores, n_resamples: int = 1000, seed: int = 0) -> dic
     return with_ci(auroc, y, s, n_resamples=n_resamples, seed=seed, ci_metric=fast_auroc)
 
 
+def mean_auroc(labels, scores) -> float:
+    """Mean over columns of the AUROC of ``scores[:, k]`` on the rows labelled 1 or 0 in
+    ``labels[:, k]`` (CheXpert values; -1 and NaN excluded); columns with NaN scores, or
+    without both classes, are left out. Raises :class:`MetricUndefined` if none is left."""
+    labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
+    values = []
+    for k in range(labels.shape[1]):
+        mask, y = binary_labels(labels[:, k])
+        mask &= ~np.isnan(scores[:, k])
+        y = labels[mask, k]
+        if y.size and y.min() != y.max():
+            values.append(fast_auroc(y, scores[mask, k]))
+    if not values:
+        raise MetricUndefined("no column with both classes")
+    return float(np.mean(values))
+
+
+def mean_auroc_with_ci(labels, scores, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """:func:`mean_auroc` with a bootstrap CI over rows (studies resampled jointly for all
+    columns, so the interval reflects the mean, not each AUROC alone)."""
+    return with_ci(mean_auroc, labels, scores, n_resamples=n_resamples, seed=seed)
+
+
 def binary_labels(column) -> tuple[np.ndarray, np.ndarray]:
     """CheXpert column → ``(mask, y)``: rows labelled 1 or 0 and their 0/1 values.
 

@@ -1,15 +1,16 @@
 """Image↔report retrieval: Recall@1/5/10 and median rank, computed in chunks.
 
-Each study contributes one image (frontal, global embedding) and one report (report
-embedding); the report of study i is the only correct match for image i and vice versa.
-Similarity is the cosine of the projected embeddings (CLIP-style retrieval, Radford et al.
-2021; ConVIRT, Zhang et al. 2020). The rank of a query is ``1 +`` the number of candidates
-scoring strictly higher than the correct one (ties resolved in the query's favour). The
-similarity matrix is computed ``chunk_size`` queries at a time, so an N×N matrix never
-exists in memory; only ``chunk_size × N`` does.
-
-For models trained only with a mutual-information objective the global heads are not
-trained to align, which the results say (``similarity_note``).
+Each study contributes one image (frontal) and one report; the report of study i is the
+only correct match for image i and vice versa. Images and reports are compared by the
+model's scorer (:func:`vlp.evaluation.features.scorer_of`): for a contrastive model the
+cosine of the projected global image and report embeddings (CLIP-style retrieval, Radford
+et al. 2021; ConVIRT, Zhang et al. 2020); for a scorer that reads sentences (the local-MI
+critic, Liao et al. 2021) a report's score with an image is the mean of its sentences'
+scores (a report without sentences is scored as one sentence). The rank of a query is
+``1 +`` the number of candidates scoring strictly higher than the correct one (ties
+resolved in the query's favour). Scores are computed one image batch at a time against
+every report, so only ``batch × N`` scores are computed at once (the N×N matrix itself is
+kept: N floats per study).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from vlp.evaluation import metrics
-from vlp.evaluation.features import extract_features, model_device, similarity_mode
+from vlp.evaluation.features import (
+    eval_loader,
+    extract_features,
+    model_device,
+    progress,
+    scorer_of,
+    text_embeddings,
+)
 from vlp.evaluation.report import Table, write_results
 
 KS = (1, 5, 10)
@@ -43,6 +51,14 @@ def ranks(queries: torch.Tensor, gallery: torch.Tensor, chunk_size: int = 1024) 
         correct = block[rows, rows + start]
         out.append((block > correct[:, None]).sum(1) + 1)
     return torch.cat(out).cpu().numpy()
+
+
+def ranks_from_scores(scores: torch.Tensor) -> np.ndarray:
+    """1-based rank of column i in row i of a square score matrix (ties in the row's favour)."""
+    if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"retrieval needs a square score matrix, got {tuple(scores.shape)}")
+    correct = scores.diagonal()
+    return ((scores > correct[:, None]).sum(1) + 1).cpu().numpy()
 
 
 def recall_at(rank: np.ndarray, k: int) -> float:
@@ -76,6 +92,7 @@ def evaluate(
     batch_size: int = 32,
     chunk_size: int = 1024,
     cache_dir=None,
+    objective: str | None = None,
 ) -> dict:
     """Retrieval on ``data``; writes results into ``out`` (``figures`` has no plot here).
 
@@ -83,36 +100,49 @@ def evaluate(
     weights and the data, so evaluators sharing a cache folder extract them once.
     """
     out = Path(out)
-    feats = extract_features(
-        model,
-        data,
-        batch_size=batch_size,
-        reports=True,
-        cache_dir=Path(cache_dir) if cache_dir is not None else out / "cache",
-        desc="retrieval features",
-    )
+    scorer = scorer_of(model, objective)
     device = model_device(model)
-    images = torch.from_numpy(feats.image_global).to(device)
-    reports = torch.from_numpy(feats.report).to(device)
-    mode = similarity_mode(model)
-    note = (
-        "cosine of image_global and report embeddings"
-        if mode == "cosine"
-        else f"cosine of image_global and report embeddings; this model was trained with a "
-        f"critic ({mode}), not a contrastive loss, so its global heads are not aligned and "
-        "retrieval near chance is expected"
+    if scorer.text_kind == "report":
+        feats = extract_features(
+            model,
+            data,
+            batch_size=batch_size,
+            reports=True,
+            cache_dir=Path(cache_dir) if cache_dir is not None else out / "cache",
+            desc="retrieval features",
+        )
+        reports = torch.from_numpy(feats.report).to(device)
+        count, skipped = len(feats), feats.skipped
+        if set(scorer.image_keys) <= {"image_global"}:
+            # A score of the global embedding: the cached features are all it needs.
+            images = torch.from_numpy(feats.image_global).to(device)
+            scores = torch.cat(
+                [
+                    scorer.scores({"image_global": images[i : i + chunk_size]}, reports)
+                    for i in range(0, count, chunk_size)
+                ]
+            )
+        else:
+            scores, _ = _score_images(model, data, scorer, batch_size, lambda feats: reports)
+    else:
+        scores, count, skipped = _sentence_report_scores(model, data, scorer, batch_size)
+    note = f"score: {scorer.description}" + (
+        "; a report scores the mean of its sentences' scores"
+        if scorer.text_kind == "sentence"
+        else ""
     )
     results = {
         "task": "retrieval",
         "data": str(data),
-        "samples": len(feats),
-        "skipped_samples": feats.skipped,
+        "samples": count,
+        "skipped_samples": skipped,
         "similarity_note": note,
-        "chance_R@1": 1.0 / max(1, len(feats)),
+        "chance_R@1": 1.0 / max(1, count),
+        "chance_R@5": min(5, count) / max(1, count),
         "seed": seed,
         "bootstrap": bootstrap,
-        "image_to_report": rank_metrics(ranks(images, reports, chunk_size), bootstrap, seed),
-        "report_to_image": rank_metrics(ranks(reports, images, chunk_size), bootstrap, seed),
+        "image_to_report": rank_metrics(ranks_from_scores(scores), bootstrap, seed),
+        "report_to_image": rank_metrics(ranks_from_scores(scores.T), bootstrap, seed),
     }
     header = ["direction", *[f"R@{k}" for k in KS], "median rank"]
     rows = [
@@ -121,6 +151,50 @@ def evaluate(
         + [results[direction]["median_rank"]]
         for direction in ("image_to_report", "report_to_image")
     ]
-    tables = [Table(f"Retrieval among {len(feats)} studies", header, rows, note=note)]
+    tables = [Table(f"Retrieval among {count} studies", header, rows, note=note)]
     write_results(out, results, "Image-report retrieval", tables)
     return results
+
+
+@torch.no_grad()
+def _score_images(model, data, scorer, batch_size: int, texts_for):
+    """Scores of every image of ``data`` (rows, loader order) against ``texts_for(...)``."""
+    device = model_device(model)
+    loader = eval_loader(model, data, batch_size=batch_size)
+    rows, metas = [], []
+    for batch in progress(loader, data, batch_size, "retrieval: images"):
+        feats = model.encode_image(batch["frontal"].to(device))
+        rows.append(scorer.scores(feats, texts_for(feats)).float())
+        metas += batch["meta"]
+    if not rows:
+        raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")
+    return torch.cat(rows), (metas, loader.stats.samples_skipped)
+
+
+@torch.no_grad()
+def _sentence_report_scores(model, data, scorer, batch_size: int):
+    """N×N scores of images against reports, a report scoring the mean over its sentences."""
+    device = model_device(model)
+    loader = eval_loader(model, data, batch_size=batch_size)
+    texts, owner = [], []
+    count = 0
+    for batch in progress(loader, data, batch_size, "retrieval: sentences"):
+        for record in batch["meta"]:
+            sentences = [s for s in record.get("sentences") or [] if str(s).strip()]
+            if not sentences:
+                sentences = [record.get("report") or ""]
+            texts += sentences
+            owner += [count] * len(sentences)
+            count += 1
+    if not count:
+        raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")
+    embedded = text_embeddings(model, texts, "sentence").to(device)
+    owner_t = torch.tensor(owner, device=device)
+    # Mean over each report's sentences: a count-normalised S→N sum.
+    members = torch.zeros(len(texts), count, device=device)
+    members[torch.arange(len(texts), device=device), owner_t] = 1.0
+    members /= members.sum(0, keepdim=True)
+    sentence_scores, (_, skipped) = _score_images(
+        model, data, scorer, batch_size, lambda feats: embedded
+    )
+    return sentence_scores @ members, count, skipped

@@ -1,14 +1,14 @@
 """Zero-shot classification from text prompts: binary per finding and a multi-class task.
 
 Prompts come from a YAML file (the shipped ``prompts/chexpert.yaml`` or the user's; format
-in that file). Scoring follows BioViL (Boecking et al., ECCV 2022): a class's prompt
-embeddings are averaged unnormalised and the mean is L2-normalised (:func:`ensemble`), the
-score is its cosine with the normalised global image embedding, and a binary finding's
-score is ``positive − negative``. For models trained only with a mutual-information
-objective the global heads are not aligned, so the score is the trained critic instead
-(:func:`vlp.evaluation.features.similarity_mode`): for ``local_mi`` the max over regions of
-the sentence–region critic (Liao et al., MICCAI 2021, Eq. 5). A critic is not linear in the
-text embedding, so there the ensemble averages the per-prompt scores instead.
+in that file). Images and prompts are compared by the model's scorer
+(:func:`vlp.evaluation.features.scorer_of`; ``vlp.objectives.scoring``): for a contrastive
+model the cosine of the global image embedding and the prompt embedding, with BioViL's
+ensemble (Boecking et al., ECCV 2022: a class's prompt embeddings averaged unnormalised, the
+mean L2-normalised, :func:`ensemble`); for a mutual-information model its trained critic
+(for ``local_mi`` pooled over regions as in training, Liao et al., MICCAI 2021, Eq. 5),
+which is not linear in the text embedding, so there the ensemble averages the per-prompt
+scores. A binary finding's score is ``positive − negative``.
 
 Binary tasks: studies labelled 1 or 0 for the finding (uncertain −1 and blank excluded);
 AUROC with a bootstrap CI, and F1/accuracy at a threshold chosen to maximise F1 on the
@@ -40,12 +40,10 @@ from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
 from vlp.evaluation.features import (
     eval_loader,
-    global_critic_scores,
-    local_critic_scores,
     model_device,
     progress,
+    scorer_of,
     sibling_split,
-    similarity_mode,
     text_embeddings,
 )
 from vlp.evaluation.report import Table, write_results
@@ -113,37 +111,29 @@ def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
 class PromptScorer:
     """Scores every prompt (and every class ensemble) against batches of images."""
 
-    def __init__(self, model, prompts: dict, similarity: str = "auto"):
+    def __init__(self, model, prompts: dict, objective: str | None = None):
         self.model = model
-        self.mode = similarity_mode(model, similarity)
+        self.scorer = scorer_of(model, objective)
         self.columns: list[tuple[str, str, str]] = []  # (class, polarity, prompt)
         for name, entry in prompts["classes"].items():
             for polarity in ("positive", "negative"):
                 self.columns += [(name, polarity, p) for p in entry[polarity]]
         texts = [c[2] for c in self.columns]
-        kind = "sentence" if self.mode == "local_critic" else "report"
-        self.text = text_embeddings(model, texts, kind).to(model_device(model))
+        self.text = text_embeddings(model, texts, self.scorer.text_kind).to(model_device(model))
         self.groups: dict[tuple[str, str], list[int]] = {}
         for i, (name, polarity, _) in enumerate(self.columns):
             self.groups.setdefault((name, polarity), []).append(i)
-        if self.mode == "cosine":
+        if self.scorer.prompt_ensemble == "embedding":
             self.ensembles = torch.stack([ensemble(self.text[ix]) for ix in self.groups.values()])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images → (per-prompt scores N×P, per-group ensemble scores N×G)."""
         feats = self.model.encode_image(images)
-        if self.mode == "cosine":
-            image = F.normalize(feats["image_global"].float(), dim=-1)
-            prompt_scores = image @ F.normalize(self.text, dim=-1).T
-            group_scores = image @ self.ensembles.T
+        prompt_scores = self.scorer.scores(feats, self.text)
+        if self.scorer.prompt_ensemble == "embedding":
+            group_scores = self.scorer.scores(feats, self.ensembles)
         else:
-            if self.mode == "local_critic":
-                prompt_scores = local_critic_scores(
-                    self.model, feats["image_local"], self.text
-                ).amax(-1)
-            else:
-                prompt_scores = global_critic_scores(self.model, feats["image_global"], self.text)
             group_scores = torch.stack(
                 [prompt_scores[:, ix].mean(1) for ix in self.groups.values()], 1
             )
@@ -217,12 +207,17 @@ def evaluate(
     seed: int = 0,
     bootstrap: int = 1000,
     batch_size: int = 32,
-    similarity: str = "auto",
+    objective: str | None = None,
+    headline_classes: list[str] | None = None,
 ) -> dict:
-    """Zero-shot evaluation of ``model`` on ``data``; writes results into ``out``."""
+    """Zero-shot evaluation of ``model`` on ``data``; writes results into ``out``.
+
+    ``headline_classes``: also report the mean AUROC (with its interval) over these
+    classes alone (``results["headline"]``), e.g. the findings a dataset renders.
+    """
     out = Path(out)
     prompt_spec = prompts if isinstance(prompts, dict) else load_prompts(prompts)
-    scorer = PromptScorer(model, prompt_spec, similarity)
+    scorer = PromptScorer(model, prompt_spec, objective)
     test = score_split(model, data, scorer, batch_size, "zero-shot: test")
     if val_data == "auto":
         val_data = sibling_split(data, "validate")
@@ -237,7 +232,7 @@ def evaluate(
         "data": str(data),
         "validation_data": val_data,
         "prompts": prompt_spec["source"],
-        "similarity": scorer.mode,
+        "similarity": scorer.scorer.description,
         "samples": len(test["keys"]),
         "skipped_samples": test["skipped"],
         "label_rule": "binary tasks use studies labelled 1 (positive) or 0 (negative); "
@@ -283,13 +278,31 @@ def evaluate(
     defined = [v["value"] for v in results["auroc"].values() if not math.isnan(v["value"])]
     results["mean_auroc"] = float(np.mean(defined)) if defined else float("nan")
 
+    # The mean's own interval: studies resampled jointly for every finding.
+    def mean_with_ci(names):
+        columns = [CHEXPERT_LABELS.index(n) for n in names]
+        score_matrix = np.stack([binary_scores(test, n) for n in names], 1)
+        return metrics.mean_auroc_with_ci(test["labels"][:, columns], score_matrix, bootstrap, seed)
+
+    results["mean_auroc_ci"] = mean_with_ci(list(prompt_spec["classes"]))
+    if headline_classes:
+        missing = [c for c in headline_classes if c not in prompt_spec["classes"]]
+        if missing:
+            raise ValueError(
+                f"headline_classes {missing} have no prompts in {prompt_spec['source']}"
+            )
+        results["headline"] = {
+            "classes": list(headline_classes),
+            "mean_auroc": mean_with_ci(list(headline_classes)),
+        }
+
     tables = [
         Table(
             "Binary zero-shot classification",
             ["finding", "pos", "neg", "AUROC [95% CI]", "F1", "accuracy", "threshold rule"],
             binary_rows + [["mean", "", "", results["mean_auroc"], "", "", ""]],
-            note=results["label_rule"] + f". Score: {scorer.mode}, positive minus negative "
-            "prompt ensemble.",
+            note=results["label_rule"] + f". Score: {scorer.scorer.description}, positive "
+            "minus negative prompt ensemble.",
         ),
         Table(
             "AUROC of each single prompt",

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from vlp.models.image import params_from_dict
+from vlp.config.loader import from_dict
 from vlp.registry import get
 
 
@@ -58,6 +58,11 @@ class Objective(nn.Module):
     def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
         raise NotImplementedError
 
+    def scorer(self):
+        """How this objective scores an image against a text (a
+        :class:`vlp.objectives.scoring.Scorer`), or None when it defines no such score."""
+        return None
+
 
 def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     """A zero connected to ``tensors`` so every parameter still receives a (zero) gradient.
@@ -87,5 +92,6 @@ def build_objective(spec: ObjectiveSpec, dims: FeatureDims, where: str = "object
     entry = get("objective", spec.name)
     if entry.config is None:
         raise TypeError(f"objective {spec.name!r} was registered without a config dataclass")
-    config = params_from_dict(entry.config, dict(spec.params), f"{where}.{spec.name}.params")
+    # Typed and strict like the recipe itself (nested dataclasses such as a critic too).
+    config = from_dict(entry.config, dict(spec.params), path=where)
     return entry.builder(config, dims)

@@ -18,6 +18,7 @@ from open_clip.loss import ClipLoss
 
 from vlp import distributed
 from vlp.objectives.base import FeatureDims, Objective, ObjectiveOutput, valid_sentences
+from vlp.objectives.scoring import CosineScorer
 from vlp.registry import register
 
 TEXT_SOURCES = ("report", "random_sentence")
@@ -99,3 +100,9 @@ class ClipObjective(Objective):
                 "logit_scale": scale.detach(),
             }
         return ObjectiveOutput({"contrastive": loss}, metrics)
+
+    def scorer(self) -> CosineScorer:
+        # Trained on report embeddings; local features share that space when the global
+        # embedding is their mean (BioViL) and the widths match.
+        regions = "report" if self.dims.local_dim == self.dims.embed_dim else None
+        return CosineScorer("report", region_text_kind=regions)

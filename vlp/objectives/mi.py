@@ -3,8 +3,8 @@
 Liao, Moyer, Cha, Quigley, Berkowitz, Horng, Golland, Wells: "Multimodal Representation
 Learning via Maximization of Local Mutual Information", MICCAI 2021.
 
-A discriminator (critic) ``T(x, y)`` scores an image feature ``x`` and a text feature ``y``
-from their concatenation (MLP ``[Dx+Dy] → 1024 → 512 → 1``). Two lower bounds on I(X; Y):
+A critic ``T(x, y)`` scores an image feature ``x`` against a text feature ``y``. Two lower
+bounds on I(X; Y) are built from its scores:
 
 * :func:`dv_bound` — Donsker–Varadhan, as in MINE (Belghazi et al. 2018):
   ``E_P[T] − log E_Q[e^T]``; negatives of all rows are pooled into one expectation.
@@ -15,18 +15,33 @@ from their concatenation (MLP ``[Dx+Dy] → 1024 → 512 → 1``). Two lower bou
   the DV bound shifted by the constant ``log N_neg``; we use the per-row form because it is
   a proper bound and decomposes over rows (and therefore over ranks).
 
+Critics (:class:`CriticConfig`; Poole et al., ICML 2019, compare both families):
+
+* ``concat`` — the paper's discriminator, an MLP on ``[x; y]`` (1280 → 1024 → 512 → 1).
+* ``separable`` — ``<f(x), g(y)> / τ``, cosine of two linear projections over a learnt
+  temperature. This is the default. On the phantom the concatenation critic collapses
+  (positive and negative scores stay equal, half its ReLUs die, the region map ignores
+  the sentence), while this one learns (README, "what pretraining learns").
+
 Objectives:
 
 ``global_mi``
     image global feature vs report feature; positives are matched pairs, negatives every
     other report of the gathered batch whose ``study_id`` differs.
 ``local_mi``
-    Eq. 5 of the paper: each sentence is scored against every region of its own image, the
-    region with the highest critic score is taken and the bound is maximised for that
-    region–sentence pair. The same statistic, ``max_r T(x_{b,r}, y_s)``, scores a sentence
-    against a negative image ``b``: the critic of the bound is then ``T'(x, y) = max_r T(x_r,
-    y)``, one fixed function of (image, sentence), so both estimators remain valid lower
-    bounds on I(image; sentence). Only the selected region's score receives gradient.
+    Eq. 5 of the paper: each sentence is scored against every region of each candidate
+    image (its own and the negatives), and the region scores become one image score.
+    The paper takes the max over regions (``region_pool: max``), and then only the picked
+    region gets gradient. The default, ``logsumexp``, is a smooth max that also gives
+    every region gradient while the features are still random. Either way the critic of
+    the bound is ``T'(x, y) = pool_r T(x_r, y)``, one fixed function of (image, sentence),
+    so both estimators remain valid lower bounds on I(image; sentence).
+
+Both objectives log what tells learning from collapse (``metric/<objective>/...`` in
+TensorBoard): ``score_gap`` (positive − negative score), ``top1`` against
+``top1_chance``, the spread of scores across regions vs across sentences
+(``spread_ratio``, large for a sentence-blind map) and, for the concatenation critic,
+``critic_inactive_units`` (dead ReLUs).
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ from vlp.objectives.base import (
     valid_sentences,
     zero_loss,
 )
+from vlp.objectives.scoring import GlobalCriticScorer, LocalCriticScorer
 from vlp.registry import register
 
 #: CPC (InfoNCE, van den Oord et al. 2018) and MINE (Donsker-Varadhan, Belghazi et al. 2018).
@@ -119,44 +135,190 @@ def mi_bound(estimator: str, scores, positive_mask=None, negative_mask=None) -> 
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
 
 
-# --------------------------------------------------------------------------- critic
+# --------------------------------------------------------------------------- critics
+
+CRITICS = ("concat", "separable")
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
 
 
-class ConcatCritic(nn.Module):
-    """MLP on ``cat(x, y)`` whose first layer is split into an image and a text part.
+@dataclass
+class CriticConfig:
+    """The discriminator ``T(x, y)`` of an MI objective (Poole et al., ICML 2019, compare
+    concatenation and separable critics for these bounds).
 
-    ``W [x; y] + c = (W_x x + c) + W_y y``: the two parts are computed once per image or
-    text and broadcast over pairs, so no concatenated pair is ever materialised.
+    ``separable`` (the default, what learns on the phantom) scores ``<f(x), g(y)> / τ``
+    with ``f``, ``g`` linear maps (or MLPs through ``hidden_dims``) into ``dim``
+    dimensions, L2-normalised when ``normalize`` (the score is then a cosine over a
+    temperature, as in CLIP), ``τ`` learnable when ``learn_temperature``.
+    ``concat`` is Liao et al.'s: an MLP on ``[x; y]`` through ``hidden_dims`` to one score
+    (default ``[1024, 512]``, the paper's ``1280 → 1024 → 512 → 1``).
     """
 
-    def __init__(self, image_dim: int, text_dim: int, hidden_dims=(1024, 512)):
+    kind: Literal["concat", "separable"] = "separable"
+    #: hidden widths; None = the kind's default ([1024, 512] concat, [] separable).
+    hidden_dims: list[int] | None = None
+    #: activation of the MLP layers: relu (Liao et al.) or leaky_relu (slope 0.2).
+    activation: Literal["relu", "leaky_relu"] = "relu"
+    #: separable: width of the space ``f`` and ``g`` map into.
+    dim: int = 128
+    #: separable: L2-normalise ``f(x)`` and ``g(y)``.
+    normalize: bool = True
+    #: separable: initial temperature of the dot product.
+    temperature: float = 0.1
+    learn_temperature: bool = True
+
+    def widths(self) -> list[int]:
+        if self.hidden_dims is not None:
+            return list(self.hidden_dims)
+        return [1024, 512] if self.kind == "concat" else []
+
+
+def _mlp(widths: list[int], activation: str, final_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(width_in, width_out))
+        if final_activation or i < len(widths) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class Critic(nn.Module):
+    """``T(x, y)`` split into a per-image part, a per-text part and their combination.
+
+    ``combine(embed_image(x), embed_text(y))`` broadcasts over leading dimensions, so an
+    objective computes each part once per image (or region) and once per text and pairs
+    them by indexing, never materialising concatenated pairs.
+    """
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed_text(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def combine(self, image_part: torch.Tensor, text_part: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Scores of aligned pairs (broadcasting leading dimensions)."""
+        return self.combine(self.embed_image(image), self.embed_text(text))
+
+    def pair_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``Ni×Dx`` and ``Nt×Dy`` → ``Ni×Nt`` scores of every pair."""
+        return self.combine(self.embed_image(image)[:, None, :], self.embed_text(text)[None])
+
+    def region_pair_scores(self, image_part, text_part, columns) -> torch.Tensor:
+        """Parts ``B×R×H`` (images) and ``S×H`` (texts), candidate images ``S×C`` →
+        ``S×C×R``: text s against every region of image ``columns[s, c]``."""
+        return self.combine(image_part[columns], text_part[:, None, None])
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """The critic's own scalars worth logging (a learnt temperature)."""
+        return {}
+
+    @torch.no_grad()
+    def inactive_fraction(self, image_part, text_part) -> torch.Tensor | None:
+        """Fraction of hidden units that are zero on every pair given (dead ReLUs), or None
+        for critics without such units."""
+        return None
+
+
+class ConcatCritic(Critic):
+    """Liao et al.'s discriminator: MLP on ``cat(x, y)`` (``[Dx+Dy] → 1024 → 512 → 1``).
+
+    The first layer is split into an image and a text part, ``W [x; y] + c = (W_x x + c) +
+    W_y y``, computed once per image or text and added per pair.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, hidden_dims=(1024, 512), activation="relu"):
         super().__init__()
         hidden_dims = list(hidden_dims)
         if not hidden_dims:
             raise ValueError("critic hidden_dims must list at least one width")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"critic activation must be one of {tuple(ACTIVATIONS)}")
         self.image_in = nn.Linear(image_dim, hidden_dims[0])
         self.text_in = nn.Linear(text_dim, hidden_dims[0], bias=False)
-        layers: list[nn.Module] = [nn.ReLU()]
-        for width_in, width_out in zip(hidden_dims[:-1], hidden_dims[1:]):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
-        layers.append(nn.Linear(hidden_dims[-1], 1))
-        self.rest = nn.Sequential(*layers)
+        self.rest = nn.Sequential(
+            ACTIVATIONS[activation](), *_mlp([*hidden_dims, 1], activation, False)
+        )
 
     def first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The equivalent unsplit first layer: weight ``H×(Dx+Dy)`` and bias."""
         return torch.cat([self.image_in.weight, self.text_in.weight], 1), self.image_in.bias
 
-    def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores from first-layer pre-activations ``...×H`` → ``...``."""
-        return self.rest(hidden).squeeze(-1)
+    def embed_image(self, x):
+        return self.image_in(x)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Scores of aligned pairs (broadcasting leading dimensions)."""
-        return self.from_hidden(self.image_in(image) + self.text_in(text))
+    def embed_text(self, y):
+        return self.text_in(y)
 
-    def pair_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``Ni×Dx`` and ``Nt×Dy`` → ``Ni×Nt`` scores of every pair."""
-        return self.from_hidden(self.image_in(image)[:, None, :] + self.text_in(text)[None, :, :])
+    def combine(self, image_part, text_part):
+        return self.rest(image_part + text_part).squeeze(-1)
+
+    @torch.no_grad()
+    def inactive_fraction(self, image_part, text_part):
+        hidden = (image_part + text_part).reshape(-1, image_part.shape[-1])
+        dead, total = 0, 0
+        for layer in self.rest:
+            hidden = layer(hidden)
+            if isinstance(layer, (nn.ReLU, nn.LeakyReLU)):
+                dead += int((hidden <= 0).all(0).sum())
+                total += hidden.shape[-1]
+        return torch.tensor(dead / max(total, 1))
+
+
+class SeparableCritic(Critic):
+    """``T(x, y) = <f(x), g(y)> / τ`` (Poole et al. 2019's separable critic; with
+    ``normalize`` a cosine over a temperature, as in CLIP, Radford et al. 2021)."""
+
+    def __init__(self, image_dim: int, text_dim: int, cfg: CriticConfig):
+        super().__init__()
+        hidden = cfg.widths()
+        self.image_net = _mlp([image_dim, *hidden, cfg.dim], cfg.activation, False)
+        self.text_net = _mlp([text_dim, *hidden, cfg.dim], cfg.activation, False)
+        self.normalize = cfg.normalize
+        if cfg.temperature <= 0:
+            raise ValueError("critic temperature must be positive")
+        log_scale = torch.tensor([-math.log(cfg.temperature)])
+        if cfg.learn_temperature:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    def _embed(self, net, v):
+        v = net(v)
+        return nn.functional.normalize(v, dim=-1) if self.normalize else v
+
+    def embed_image(self, x):
+        return self._embed(self.image_net, x)
+
+    def embed_text(self, y):
+        return self._embed(self.text_net, y)
+
+    def scale(self) -> torch.Tensor:
+        # Clamped at 100 as CLIP's logit scale, so the scores stay finite.
+        return self.log_scale.clamp(max=math.log(100.0)).exp().squeeze(0)
+
+    def combine(self, image_part, text_part):
+        return (image_part * text_part).sum(-1) * self.scale()
+
+    def metrics(self):
+        return {"critic_scale": self.scale().detach()}
+
+    def region_pair_scores(self, image_part, text_part, columns):
+        # One matmul for every (text, image, region), then the candidates picked: never
+        # materialises the S×C×R×H products that the generic path builds.
+        every = torch.einsum("sh,brh->sbr", text_part, image_part) * self.scale()
+        return every.gather(1, columns[..., None].expand(-1, -1, every.shape[-1]))
+
+
+def build_critic(cfg: CriticConfig, image_dim: int, text_dim: int, where: str) -> Critic:
+    if cfg.kind == "concat":
+        return ConcatCritic(image_dim, text_dim, cfg.widths(), cfg.activation)
+    if cfg.kind == "separable":
+        return SeparableCritic(image_dim, text_dim, cfg)
+    raise ValueError(f"{where}.critic must be one of {CRITICS}, got {cfg.kind!r}")
 
 
 # --------------------------------------------------------------------------- global MI
@@ -165,7 +327,7 @@ class ConcatCritic(nn.Module):
 @dataclass
 class GlobalMIConfig:
     estimator: Literal["cpc", "mine"] = "cpc"
-    hidden_dims: list = field(default_factory=lambda: [1024, 512])
+    critic: CriticConfig = field(default_factory=CriticConfig)
     image_key: str = "image_global"
     text_key: str = "report"
     #: take negative reports from all ranks (with gradient).
@@ -187,9 +349,13 @@ class GlobalMIObjective(Objective):
             if key not in widths:
                 raise ValueError(f"global_mi: feature {key!r} is not one of {sorted(widths)}")
         self.required_features = frozenset({config.image_key, config.text_key})
-        self.critic = ConcatCritic(
-            widths[config.image_key], widths[config.text_key], config.hidden_dims
+        self.critic = build_critic(
+            config.critic, widths[config.image_key], widths[config.text_key], "global_mi"
         )
+
+    def scorer(self) -> GlobalCriticScorer:
+        kind = "sentence" if self.config.text_key == "sentence" else "report"
+        return GlobalCriticScorer(self.critic, self.config.image_key, kind)
 
     def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
         image, text = features[self.config.image_key], features[self.config.text_key]
@@ -199,7 +365,8 @@ class GlobalMIObjective(Objective):
         studies = distributed.gather_no_grad(study) if gather else study
         offset = distributed.rank_offset(image.shape[0], image.device) if gather else 0
         # Rows are this rank's images against every (gathered) report.
-        scores = self.critic.pair_scores(image, texts)
+        image_part, text_part = self.critic.embed_image(image), self.critic.embed_text(texts)
+        scores = self.critic.combine(image_part[:, None], text_part[None])
         columns = torch.arange(texts.shape[0], device=image.device)
         own = torch.arange(image.shape[0], device=image.device) + offset
         positive = columns[None, :] == own[:, None]
@@ -210,17 +377,34 @@ class GlobalMIObjective(Objective):
         bound = mi_bound(self.config.estimator, scores, positive, negative)
         with torch.no_grad():
             metrics = _score_metrics(scores, positive, negative, bound)
+            metrics.update(self.critic.metrics())
+            inactive = self.critic.inactive_fraction(image_part[:, None], text_part[None])
+            if inactive is not None:
+                metrics["critic_inactive_units"] = inactive
+            # Spread of a text's scores across images vs an image's scores across texts: a
+            # critic that ignores one side has (near) zero spread along it.
+            metrics["spread_across_images"] = scores.std(0).mean()
+            metrics["spread_across_texts"] = scores.std(1).mean()
         return ObjectiveOutput({"mi": -bound}, metrics)
 
 
 def _score_metrics(scores, positive, negative, bound) -> dict[str, torch.Tensor]:
+    """What tells a user whether the critic learns (logged to TensorBoard every step).
+
+    ``score_gap`` (mean positive − mean negative score) and ``top1`` (the positive scores
+    highest among a row's candidates; chance is 1 / candidates) stay at 0 and chance when
+    the critic has collapsed to a function of one side only.
+    """
     candidates = scores.masked_fill(~(positive | negative), -math.inf)
     hit = (candidates.argmax(1)[:, None] == positive.nonzero()[:, 1].view(-1, 1)).float()
+    positive_score, negative_score = scores[positive].mean(), scores[negative].mean()
     return {
         "bound": bound.detach(),
-        "positive_score": scores[positive].mean().detach(),
-        "negative_score": scores[negative].mean().detach(),
+        "positive_score": positive_score.detach(),
+        "negative_score": negative_score.detach(),
+        "score_gap": (positive_score - negative_score).detach(),
         "top1": hit.mean(),
+        "top1_chance": (1.0 / (positive | negative).sum(1).float()).mean(),
     }
 
 
@@ -230,10 +414,17 @@ def _score_metrics(scores, positive, negative, bound) -> dict[str, torch.Tensor]
 @dataclass
 class LocalMIConfig:
     estimator: Literal["cpc", "mine"] = "cpc"
-    hidden_dims: list = field(default_factory=lambda: [1024, 512])
+    critic: CriticConfig = field(default_factory=CriticConfig)
     #: negative images per sentence, drawn at random among images of other studies in the
     #: (gathered) batch; -1 uses all of them.
     num_negatives: int = -1
+    #: how a sentence's region scores on one image become its image score: ``max`` (Liao
+    #: et al. Eq. 5; only the best region gets gradient), ``mean``, or ``logsumexp`` (a
+    #: smooth max, ``t · log mean_r exp(T_r / t)`` with ``t = region_temperature``; every
+    #: region gets gradient in proportion to its softmax weight). Each is a fixed function
+    #: of (image, sentence), so the bounds stay valid.
+    region_pool: Literal["max", "mean", "logsumexp"] = "logsumexp"
+    region_temperature: float = 1.0
     #: critic evaluations (sentence × image × region) held in memory at once.
     chunk_size: int = 8192
     #: take negative images from all ranks (with gradient).
@@ -253,7 +444,7 @@ class LocalMIObjective(Objective):
             raise ValueError(f"local_mi.estimator must be one of {ESTIMATORS}")
         if config.chunk_size < 1:
             raise ValueError("local_mi.chunk_size must be positive")
-        self.critic = ConcatCritic(dims.local_dim, dims.sentence_dim, config.hidden_dims)
+        self.critic = build_critic(config.critic, dims.local_dim, dims.sentence_dim, "local_mi")
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -272,16 +463,24 @@ class LocalMIObjective(Objective):
         valid = index >= 0
         if not bool(valid.any()):
             return out
-        image_part = self.critic.image_in(local)  # B×R×H
-        text_part = self.critic.text_in(sentence[valid])  # S×H
+        image_part = self.critic.embed_image(local)  # B×R×H
+        text_part = self.critic.embed_text(sentence[valid])  # S×H
         rows = index[valid]
         step = self._sentences_per_chunk(local.shape[1])
         chunks = [
-            self.critic.from_hidden(image_part[rows[i : i + step]] + text_part[i : i + step, None])
+            self.critic.combine(image_part[rows[i : i + step]], text_part[i : i + step, None])
             for i in range(0, rows.shape[0], step)
         ]
         out[valid] = torch.cat(chunks, 0).to(out.dtype)
         return out
+
+    def scorer(self) -> LocalCriticScorer:
+        cfg = self.config
+        return LocalCriticScorer(
+            self.region_scores,
+            lambda regions: pool_regions(regions, cfg.region_pool, cfg.region_temperature),
+            f"local MI critic ({cfg.critic.kind}), {cfg.region_pool} over regions",
+        )
 
     def _candidates(self, own, sentence_study, studies):
         """Columns (S×C, own image first) and the negative mask over them."""
@@ -300,16 +499,20 @@ class LocalMIObjective(Objective):
         negative_mask = torch.cat([torch.zeros_like(valid[:, :1]), valid], 1)
         return columns, negative_mask
 
-    def _best_regions(self, image_part, text_part, columns) -> torch.Tensor:
-        """argmax over regions of each (sentence, candidate image) score, without autograd."""
+    def _all_region_scores(self, image_part, text_part, columns) -> torch.Tensor:
+        """Scores ``S×C×R`` of each sentence with every region of each candidate image,
+        without autograd (the max-over-regions selection and the collapse metrics)."""
         regions = image_part.shape[1]
         step = self._sentences_per_chunk(columns.shape[1] * regions)
-        best = []
+        out = []
         with torch.no_grad():
             for i in range(0, columns.shape[0], step):
-                hidden = image_part[columns[i : i + step]] + text_part[i : i + step, None, None]
-                best.append(self.critic.from_hidden(hidden).argmax(-1))
-        return torch.cat(best, 0)
+                out.append(
+                    self.critic.region_pair_scores(
+                        image_part, text_part[i : i + step], columns[i : i + step]
+                    )
+                )
+        return torch.cat(out, 0)
 
     def _selected_scores(self, image_part, text_part, columns, best) -> torch.Tensor:
         """Scores of the selected region of each candidate image, with autograd, chunked.
@@ -328,14 +531,32 @@ class LocalMIObjective(Objective):
                 chunks.append(self._score_chunk(*args))
         return torch.cat(chunks, 0)
 
+    def _pooled_scores(self, image_part, text_part, columns) -> torch.Tensor:
+        """Scores ``S×C`` pooled over every region (``mean`` or ``logsumexp``), with
+        autograd, chunked and checkpointed like :meth:`_selected_scores`."""
+        step = self._sentences_per_chunk(columns.shape[1] * image_part.shape[1])
+        chunks = []
+        for i in range(0, columns.shape[0], step):
+            args = (image_part, text_part[i : i + step], columns[i : i + step])
+            if torch.is_grad_enabled():
+                chunks.append(checkpoint(self._pool_chunk, *args, use_reentrant=False))
+            else:
+                chunks.append(self._pool_chunk(*args))
+        return torch.cat(chunks, 0)
+
+    def _pool_chunk(self, image_part, text_part, columns):
+        regions = self.critic.region_pair_scores(image_part, text_part, columns)  # S×C×R
+        return pool_regions(regions, self.config.region_pool, self.config.region_temperature)
+
     def _score_chunk(self, image_part, text_part, columns, best):
-        return self.critic.from_hidden(image_part[columns, best] + text_part[:, None])
+        return self.critic.combine(image_part[columns, best], text_part[:, None])
 
     # -- objective ------------------------------------------------------------------------
 
-    def scores(self, features: dict):
+    def scores(self, features: dict, with_parts: bool = False):
         """Critic scores ``S×C`` of each valid sentence with its own image (column 0) and
-        its candidate negative images, plus the masks and the chosen regions."""
+        its candidate negative images, plus the masks and the chosen regions (and, with
+        ``with_parts``, the critic's image and text parts and the candidate columns)."""
         valid = valid_sentences(features)
         local, study = features["image_local"], features["study_id"]
         sentence = features["sentence"][valid]
@@ -346,12 +567,17 @@ class LocalMIObjective(Objective):
         offset = distributed.rank_offset(local.shape[0], local.device) if gather else 0
 
         columns, negative = self._candidates(index + offset, study[index], studies)
-        image_part = self.critic.image_in(locals_all)  # B_all×R×H, computed once
-        text_part = self.critic.text_in(sentence)  # S×H, computed once
-        best = self._best_regions(image_part, text_part, columns)
-        scores = self._selected_scores(image_part, text_part, columns, best)
+        image_part = self.critic.embed_image(locals_all)  # B_all×R×H, computed once
+        text_part = self.critic.embed_text(sentence)  # S×H, computed once
+        best = self._all_region_scores(image_part, text_part, columns).argmax(-1)
+        if self.config.region_pool == "max":
+            scores = self._selected_scores(image_part, text_part, columns, best)
+        else:
+            scores = self._pooled_scores(image_part, text_part, columns)
         positive = torch.zeros_like(negative)
         positive[:, 0] = True
+        if with_parts:
+            return scores, positive, negative, best, (image_part, text_part, columns)
         return scores, positive, negative, best
 
     def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
@@ -359,10 +585,52 @@ class LocalMIObjective(Objective):
         anchors = (features["image_local"], features["sentence"])
         if not bool(valid.any()):
             return ObjectiveOutput({"mi": zero_loss(*anchors, *self.critic.parameters())}, {})
-        scores, positive, negative, _ = self.scores(features)
+        scores, positive, negative, best, parts = self.scores(features, with_parts=True)
         if not bool(negative.any()):
             return ObjectiveOutput({"mi": zero_loss(scores, *anchors)}, {})
         bound = mi_bound(self.config.estimator, scores, positive, negative)
         with torch.no_grad():
             metrics = _score_metrics(scores, positive, negative, bound)
+            metrics.update(self.critic.metrics())
+            metrics.update(_local_collapse_metrics(self.critic, best, parts))
         return ObjectiveOutput({"mi": -bound}, metrics)
+
+
+def pool_regions(scores: torch.Tensor, how: str, temperature: float = 1.0) -> torch.Tensor:
+    """Region scores ``...×R`` → image scores ``...`` (see ``LocalMIConfig.region_pool``)."""
+    if how == "max":
+        return scores.amax(-1)
+    if how == "mean":
+        return scores.mean(-1)
+    if how == "logsumexp":
+        t = temperature
+        return t * (torch.logsumexp(scores / t, -1) - math.log(scores.shape[-1]))
+    raise ValueError(f"region_pool must be max, mean or logsumexp, got {how!r}")
+
+
+def _local_collapse_metrics(critic, best, parts, probe_images: int = 4) -> dict:
+    """Signs of a critic collapsed to an image-only saliency map (logged every step).
+
+    On the first ``probe_images`` images, every sentence of the batch is scored on every
+    region. ``spread_across_regions``: std over the regions, for one sentence and image;
+    ``spread_across_sentences``: std over the sentences, for one image and region. A map
+    that ignores the sentence has ``spread_ratio`` (regions / sentences) far above 1.
+    ``critic_inactive_units``: hidden units of a concatenation critic that are zero on
+    every pair the bound is built from (dead ReLUs).
+    """
+    image_part, text_part, columns = parts
+    image_part, text_part = image_part.detach(), text_part.detach()
+    probe = critic.combine(image_part[None, :probe_images], text_part[:, None, None])  # S×b×R
+    zero = probe.new_zeros(())
+    regions = probe.std(2).mean() if probe.shape[2] > 1 else zero
+    sentences = probe.std(0).mean() if probe.shape[0] > 1 else zero
+    metrics = {
+        "spread_across_regions": regions,
+        "spread_across_sentences": sentences,
+        "spread_ratio": regions / sentences.clamp_min(1e-12),
+    }
+    picked = image_part[columns, best]  # S×C×H: the pairs the bound is built from
+    inactive = critic.inactive_fraction(picked, text_part[:, None])
+    if inactive is not None:
+        metrics["critic_inactive_units"] = inactive
+    return metrics
