@@ -34,7 +34,11 @@ def test_tiny_demo_end_to_end(tmp_path):
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     assert not bad, f"non-finite metrics: {bad}"
     report = (out / "report.md").read_text()
-    assert "| zero-shot mean AUROC |" in report and "tensorboard --logdir" in report
+    assert (
+        "| zero-shot mean AUROC |" in report
+        and "## Does pretraining learn?" in report
+        and "tensorboard --logdir" in report
+    )
     images = [
         line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")
     ]
