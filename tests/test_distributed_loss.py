@@ -25,10 +25,9 @@ import torch.multiprocessing as mp
 
 from vlp import distributed
 from vlp.models.heads import HeadConfig
-from vlp.models.image import ImageTowerConfig
-from vlp.models.model import ModelConfig, build_model
-from vlp.models.text import TextTowerConfig
-from vlp.objectives.base import FeatureDims, ObjectiveSpec, build_objective
+from vlp.models.model import FeatureDims, ModelConfig
+from vlp.objectives.base import ObjectiveSpec, build_objective
+from vlp.training.module import build_pretraining_module
 
 WORLD = 2
 SENTENCES = [["a", "b"], ["c"], [], ["d", "e", "f"], ["g"], ["h", "i"], ["j", "k", "l"], []]
@@ -112,9 +111,9 @@ def test_single_process_helpers():
 
 def _build():
     torch.manual_seed(0)
+    text = {"name": "tiny", "params": {"hidden_size": 32, "intermediate_size": 64}}
     cfg = ModelConfig(
-        image=ImageTowerConfig(name="test_resnet", image_size=64),
-        text=TextTowerConfig(name="tiny", params={"hidden_size": 32, "intermediate_size": 64}),
+        encoders={"image": {"tower": {"name": "test_resnet"}}, "text": {"tower": text}},
         embed_dim=16,
         local_dim=12,
         sentence_dim=10,
@@ -125,7 +124,7 @@ def _build():
         ObjectiveSpec("global_mi", 0.5, {"critic": {"hidden_dims": [16, 8]}}),
         ObjectiveSpec("local_mi", 0.7, {"critic": {"hidden_dims": [16, 8]}, "chunk_size": 64}),
     ]
-    return build_model(cfg, specs).eval()
+    return build_pretraining_module(cfg, specs, 64).eval()
 
 
 def _full_batch(tokenizer):
@@ -227,7 +226,7 @@ def _worker(rank, world, port, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = _build()
-        losses, grads = _run(model, _shard(_full_batch(model.text_tower.tokenizer), rank, world))
+        losses, grads = _run(model, _shard(_full_batch(model.model.tokenizer), rank, world))
         mi = _run_objectives(*_mi_objectives(), rank, world)
         for tensor in [*losses.values(), *grads.values(), *mi.values()]:  # mean over ranks
             dist.all_reduce(tensor)
@@ -256,7 +255,7 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     torch.set_num_threads(1)
     try:
         model = _build()
-        losses, grads = _run(model, _full_batch(model.text_tower.tokenizer))
+        losses, grads = _run(model, _full_batch(model.model.tokenizer))
         mi = _run_objectives(*_mi_objectives())
     finally:
         torch.set_num_threads(threads)
@@ -265,10 +264,9 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     for key, value in losses.items():
         torch.testing.assert_close(ranks["losses"][key], value, atol=1e-5, rtol=1e-5, msg=key)
     assert set(ranks["grads"]) == set(grads)
-    towers = [n for n in grads if n.startswith(("image_tower.", "text_tower."))]
-    assert any(n.startswith("image_tower.") for n in towers)
-    assert any(n.startswith("text_tower.") for n in towers)
-    for part in ("image_tower.", "text_tower.", "objectives.global_mi"):
+    image, text = "model.encoders.image.", "model.encoders.text."
+    assert any(n.startswith(image) for n in grads) and any(n.startswith(text) for n in grads)
+    for part in (image, text, "objectives.global_mi"):
         assert sum(float(g.abs().sum()) for n, g in grads.items() if n.startswith(part)) > 1e-3
     for name, grad in grads.items():
         torch.testing.assert_close(ranks["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)

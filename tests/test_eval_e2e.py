@@ -54,10 +54,10 @@ def _handmade_export(root) -> str:
 
     from vlp.config import load_recipe
     from vlp.config.loader import dump_yaml
-    from vlp.models import build_model
+    from vlp.training.module import build_pretraining_module
 
     cfg = load_recipe("recipes/debug.yaml")
-    model = build_model(cfg.model, cfg.objectives)
+    model = build_pretraining_module(cfg.model, cfg.objectives, cfg.data.image_size)
     folder = root / "export"
     folder.mkdir()
     save_file(
@@ -203,10 +203,10 @@ def test_retrieval(setup):
     images, sentences = [], []
     with torch.no_grad():
         for batch in eval_loader(model, setup[1] / "train", batch_size=4):
-            feats = model.encode_image(batch["frontal"])
+            feats = model.model.encode_image(batch["frontal"])
             for b, record in enumerate(batch["meta"]):
                 images.append({"image_local": feats["image_local"][b : b + 1]})
-                sentences.append(model.encode_text(record["sentences"], kind="sentence"))
+                sentences.append(model.model.encode_text(record["sentences"], kind="sentence"))
         score = np.array(
             [[float(scorer.scores(im, s)[0].mean()) for s in sentences] for im in images]
         )

@@ -30,21 +30,21 @@ def recipe_losses(name: str) -> list[float]:
     sys.path.insert(0, str(ROOT))
     from tests.helpers.train_entry import synthetic_batches
     from vlp.config import load_recipe
-    from vlp.models import build_model, model_param_groups
     from vlp.training import optim
+    from vlp.training.module import build_pretraining_module, param_groups_of
 
     cfg = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, cfg.objectives).train()
-        groups = optim.param_groups(model_param_groups(model), cfg.optim)
+        model = build_pretraining_module(cfg.model, cfg.objectives, cfg.data.image_size).train()
+        groups = optim.param_groups(param_groups_of(model), cfg.optim)
         optimizer = optim.build_optimizer(groups, cfg.optim)
         scheduler = optim.build_scheduler(optimizer, cfg.train.steps, cfg.optim)
         model.train()
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        batches = synthetic_batches(0, 1, model.text_tower.tokenizer, BATCH, cfg.data.image_size)
+        batches = synthetic_batches(0, 1, model.model.tokenizer, BATCH, cfg.data.image_size)
         losses = []
         for _ in range(STEPS):
             loss, _ = model(next(batches))

@@ -15,9 +15,10 @@ from vlp.models.image import (
     adapt_first_conv_to_grayscale,
     build_image_tower,
 )
-from vlp.models.model import ModelConfig, build_model, model_param_groups
+from vlp.models.model import ModelConfig
 from vlp.models.text import TextTowerConfig, build_text_tower, minilm_path
 from vlp.objectives.base import ObjectiveSpec
+from vlp.training.module import build_pretraining_module, param_groups_of
 
 
 def _images(batch, size, seed=0):
@@ -33,7 +34,7 @@ def _normalized(images, mean=0.5, std=0.25):
 
 
 def test_timm_cnn_local_is_feature_map_and_global_its_average():
-    tower = build_image_tower(ImageTowerConfig(name="test_resnet", image_size=64)).eval()
+    tower = build_image_tower(ImageTowerConfig(name="test_resnet"), 64).eval()
     images = _images(2, 64)
     out = tower(images)
     feature_map = tower.model.forward_features(_normalized(images))  # B×C×h×w
@@ -47,8 +48,7 @@ def test_timm_cnn_local_is_feature_map_and_global_its_average():
 
 
 def test_timm_vit_local_excludes_prefix_tokens():
-    cfg = ImageTowerConfig(name="timm:test_vit", image_size=64, params={"img_size": 64})
-    tower = build_image_tower(cfg).eval()
+    tower = build_image_tower(ImageTowerConfig(name="timm:test_vit"), 64).eval()
     images = _images(3, 64)
     out = tower(images)
     tokens = tower.model.forward_features(_normalized(images))
@@ -60,10 +60,8 @@ def test_timm_vit_local_excludes_prefix_tokens():
 
 
 def test_open_clip_vit_tower_shapes_and_gray_input():
-    cfg = ImageTowerConfig(
-        name="open_clip:ViT-S-32", image_size=64, params={"image_size": 64}, mean=0.4, std=0.3
-    )
-    tower = build_image_tower(cfg).eval()
+    cfg = ImageTowerConfig(name="open_clip:ViT-S-32", mean=0.4, std=0.3)
+    tower = build_image_tower(cfg, 64).eval()
     assert tower.model.conv1.in_channels == 1
     out = tower(_images(2, 64))
     assert out.grid == (2, 2)
@@ -76,7 +74,7 @@ def test_open_clip_vit_tower_shapes_and_gray_input():
     [("liao_resnet256_6", 768, (8, 8), 128), ("liao_resnet256_5", 512, (4, 4), 512)],
 )
 def test_liao_resnets(name, global_dim, grid, local_dim):
-    tower = build_image_tower(ImageTowerConfig(name=name, image_size=256))
+    tower = build_image_tower(ImageTowerConfig(name=name), 256)
     out = tower(_images(2, 256))
     assert out.global_features.shape == (2, global_dim)
     assert out.grid == grid and out.local_features.shape == (2, grid[0] * grid[1], local_dim)
@@ -85,7 +83,7 @@ def test_liao_resnets(name, global_dim, grid, local_dim):
 def test_liao_resnet_params_validated():
     with pytest.raises(ValueError, match="blocks_per_stagee"):
         build_image_tower(
-            ImageTowerConfig(name="liao_resnet256_6", params={"blocks_per_stagee": []})
+            ImageTowerConfig(name="liao_resnet256_6", params={"blocks_per_stagee": []}), 256
         )
 
 
@@ -120,9 +118,7 @@ def test_pretrained_local_rgb_weights_are_summed(tmp_path):
     state = {k: v.contiguous() for k, v in rgb.state_dict().items()}
     path = tmp_path / "weights.safetensors"
     save_file(state, str(path))
-    tower = build_image_tower(
-        ImageTowerConfig(name="test_resnet", image_size=64, pretrained=str(path))
-    )
+    tower = build_image_tower(ImageTowerConfig(name="test_resnet", pretrained=str(path)), 64)
     first = tower.model.conv1[0].weight  # test_resnet has a deep stem
     assert torch.allclose(first, state["conv1.0.weight"].sum(1, keepdim=True))
     assert torch.equal(tower.model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
@@ -133,18 +129,16 @@ def test_pretrained_local_rgb_weights_are_summed(tmp_path):
 )
 def test_pretrained_must_be_a_local_file(pretrained):
     with pytest.raises(FileNotFoundError, match="pretrained"):
-        build_image_tower(
-            ImageTowerConfig(name="test_resnet", image_size=64, pretrained=pretrained)
-        )
+        build_image_tower(ImageTowerConfig(name="test_resnet", pretrained=pretrained), 64)
 
 
 def test_unknown_tower_name_is_explained():
     with pytest.raises(ValueError, match="unknown timm model"):
-        build_image_tower(ImageTowerConfig(name="resnet5O"))
+        build_image_tower(ImageTowerConfig(name="resnet5O"), 64)
 
 
 def test_uint8_shape_check():
-    tower = build_image_tower(ImageTowerConfig(name="test_resnet", image_size=64))
+    tower = build_image_tower(ImageTowerConfig(name="test_resnet"), 64)
     with pytest.raises(ValueError, match="B×1×H×W"):
         tower(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
 
@@ -230,10 +224,9 @@ def test_logit_scale_init_and_clamp():
     assert math.isclose(float(scale().detach()), 100.0, rel_tol=1e-6)
 
 
-def _tiny_cfg(**overrides) -> ModelConfig:
+def _tiny_cfg(image_tower: str = "test_resnet", **overrides) -> ModelConfig:
     cfg = ModelConfig(
-        image=ImageTowerConfig(name="test_resnet", image_size=64),
-        text=TextTowerConfig(name="tiny"),
+        encoders={"image": {"tower": {"name": image_tower}}, "text": {"tower": {"name": "tiny"}}},
         embed_dim=24,
         local_dim=16,
         sentence_dim=20,
@@ -268,18 +261,18 @@ def tiny_model():
         ObjectiveSpec("clip"),
         ObjectiveSpec("local_mi", 0.5, {"critic": {"hidden_dims": [16, 8]}}),
     ]
-    return build_model(_tiny_cfg(), specs)
+    return build_pretraining_module(_tiny_cfg(), specs, 64)
 
 
 def test_encode_shapes_with_missing_and_padded_sentences(tiny_model):
-    tok = tiny_model.text_tower.tokenizer
+    tok = tiny_model.model.tokenizer
     batch = _batch(
         tok,
         ["left effusion. heart normal.", "", "no pneumothorax."],
         [["left effusion", "heart normal"], [], ["no pneumothorax"]],
         pad_sentences=2,
     )
-    features = tiny_model.encode(batch)
+    features = tiny_model.model.encode(batch)
     assert features["image_global"].shape == (3, 24)
     assert features["image_local"].shape == (3, 4, 16) and features["image_grid"] == (2, 2)
     assert features["report"].shape == (3, 24)
@@ -294,7 +287,7 @@ def test_encode_shapes_with_missing_and_padded_sentences(tiny_model):
 
 
 def test_batch_without_any_sentence(tiny_model):
-    tok = tiny_model.text_tower.tokenizer
+    tok = tiny_model.model.tokenizer
     batch = _batch(tok, ["", "heart normal"], [[], []])
     loss, logs = tiny_model(batch)
     assert logs["loss/local_mi/mi"] == 0
@@ -302,31 +295,35 @@ def test_batch_without_any_sentence(tiny_model):
 
 
 def test_encode_text_and_image_for_evaluators(tiny_model):
-    text = tiny_model.encode_text(["no effusion", "effusion"])
+    text = tiny_model.model.encode_text(["no effusion", "effusion"])
     assert text.shape == (2, 24)
-    out = tiny_model.encode_image(_images(2, 64))
+    out = tiny_model.model.encode_image(_images(2, 64))
     assert out["image_global"].shape == (2, 24) and out["image_local"].shape == (2, 4, 16)
 
 
-def test_global_from_mean_local_is_mean_of_projected_patches():
-    cfg = _tiny_cfg(global_from="mean_local", embed_dim=16, local_dim=16)
-    model = build_model(cfg, [ObjectiveSpec("clip")])
+def test_global_head_mean_local_is_mean_of_projected_patches():
+    cfg = _tiny_cfg(global_head="mean_local", embed_dim=16, local_dim=16)
+    model = build_pretraining_module(cfg, [ObjectiveSpec("clip")], 64).model
     out = model.encode_image(_images(2, 64))
     assert torch.allclose(out["image_global"], out["image_local"].mean(1))
 
 
 def test_param_groups_cover_every_parameter_once():
-    cfg = _tiny_cfg()
-    cfg.image = ImageTowerConfig(name="timm:test_vit", image_size=64, params={"img_size": 64})
-    model = build_model(cfg, [ObjectiveSpec("global_mi", params={"critic": {"hidden_dims": [8]}})])
-    groups = model_param_groups(model)
+    cfg = _tiny_cfg("timm:test_vit")
+    specs = [
+        ObjectiveSpec("clip"),
+        ObjectiveSpec("global_mi", params={"critic": {"hidden_dims": [8]}}),
+    ]
+    model = build_pretraining_module(cfg, specs, 64)
+    groups = param_groups_of(model)
     names = [n for g in groups for n in g["names"]]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     by_name = {n: (g["group"], g["no_decay"]) for g in groups for n in g["names"]}
-    assert by_name["logit_scale.log_scale"] == ("heads", True)
-    assert by_name["image_tower.model.pos_embed"] == ("image", True)
-    assert by_name["image_tower.model.patch_embed.proj.weight"] == ("image", False)
-    assert by_name["report_head.net.0.weight"] == ("heads", False)
+    # The logit scale belongs to the contrastive objective that uses it.
+    assert by_name["objectives.clip.logit_scale.log_scale"] == ("objectives", True)
+    assert by_name["model.encoders.image.tower.model.pos_embed"] == ("image", True)
+    assert by_name["model.encoders.image.tower.model.patch_embed.proj.weight"] == ("image", False)
+    assert by_name["model.heads.report.net.0.weight"] == ("heads", False)
     # The separable critic: its projections' biases and its temperature are not decayed.
     assert by_name["objectives.global_mi.critic.image_net.2.bias"] == ("objectives", True)
     assert by_name["objectives.global_mi.critic.log_scale"] == ("objectives", True)
@@ -335,6 +332,36 @@ def test_param_groups_cover_every_parameter_once():
 
 def test_objective_params_are_validated():
     with pytest.raises(ValueError, match="estimater"):
-        build_model(_tiny_cfg(), [ObjectiveSpec("local_mi", params={"estimater": "mine"})])
+        build_pretraining_module(
+            _tiny_cfg(), [ObjectiveSpec("local_mi", params={"estimater": "mine"})], 64
+        )
     with pytest.raises(KeyError, match="local_mi"):
-        build_model(_tiny_cfg(), [ObjectiveSpec("local_mii")])
+        build_pretraining_module(_tiny_cfg(), [ObjectiveSpec("local_mii")], 64)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """deepspeed.activation_checkpointing turns on the towers' own checkpointing (timm,
+    Hugging Face); gradients are those of the plain forward. A tower without it fails."""
+    specs = [ObjectiveSpec("clip")]
+    torch.manual_seed(0)
+    plain = build_pretraining_module(_tiny_cfg("timm:test_vit"), specs, 64)
+    torch.manual_seed(0)
+    checkpointed = build_pretraining_module(_tiny_cfg("timm:test_vit"), specs, 64)
+    checkpointed.model.set_grad_checkpointing(True)
+    assert checkpointed.model.encoders["image"].tower.model.grad_checkpointing
+    assert checkpointed.model.encoders["text"].tower.model.is_gradient_checkpointing
+    tok = plain.model.tokenizer
+    batch = _batch(tok, ["left effusion.", "heart normal.", "no pneumothorax."], [[], [], []])
+    grads = []
+    for module in (plain, checkpointed):
+        module.train()
+        torch.manual_seed(1)  # the same dropout draws (checkpointing replays them)
+        loss, _ = module(batch)
+        loss.backward()
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    liao = ModelConfig(encoders={"image": {"tower": {"name": "liao_resnet256_5"}}})
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        build_pretraining_module(liao, specs, 256).model.set_grad_checkpointing(True)

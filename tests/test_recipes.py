@@ -52,10 +52,12 @@ def _child(tmp_path: Path, body: str) -> Path:
 
 
 def test_typo_in_nested_key_names_file_path_and_suggestion(tmp_path):
-    path = _child(tmp_path, "model:\n  image: {nmae: resnet18}\n")
+    path = _child(tmp_path, "model:\n  encoders:\n    image: {tower: {nmae: resnet18}}\n")
     with pytest.raises(ConfigError) as err:
         load_recipe(path)
-    assert str(err.value).startswith(f"{path}: model.image.nmae: unknown key; did you mean 'name'?")
+    assert str(err.value).startswith(
+        f"{path}: model.encoders.image.tower.nmae: unknown key; did you mean 'name'?"
+    )
 
 
 def test_typo_in_objective_parameter(tmp_path):

@@ -26,12 +26,10 @@ DEBUG = str(ROOT / "recipes" / "debug.yaml")
 # A model without batch norm and without dropout, so 1 process and 2 ranks compute the same
 # function of the same global batch (batch-norm statistics would differ per rank).
 NO_BN = [
-    "model.image.name=vit_tiny_patch16_224",
-    "model.image.image_size=32",
-    "model.image.params={img_size: 32}",
+    "model.encoders.image.tower.name=vit_tiny_patch16_224",
     "data.image_size=32",
     "objectives=[{name: clip, weight: 1.0}]",
-    "model.text.params={dropout: 0.0}",
+    "model.encoders.text.tower.params={dropout: 0.0}",
 ]
 
 
@@ -129,9 +127,8 @@ def test_bad_recipe_fails_before_any_process_group(tmp_path):
 # pos_embed/cls_token in forward_features, which the tower calls, so ZeRO-3 uses a
 # batch-norm-free CNN (ConvNeXt, layer norm) here.
 CONVNEXT = [
-    "model.image.name=convnext_atto",
-    "model.image.image_size=64",
-    "model.image.params={}",
+    "model.encoders.image.tower.name=convnext_atto",
+    "model.encoders.image.tower.params={}",
     "data.image_size=64",
 ]
 
@@ -230,7 +227,6 @@ def test_run_dir_config_checkpoints_and_tensorboard(tmp_path, cache):
         "loss/local_mi/mi",
         "metric/local_mi/bound",
         "optim/grad_norm",
-        "optim/logit_scale",
         "perf/samples_per_s",
         "perf/data_wait_fraction",
         "perf/step_time_s",

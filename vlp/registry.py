@@ -1,11 +1,16 @@
-"""One registry for every pluggable component: image towers, text towers, objectives.
+"""One registry for every pluggable component, and one way to build it.
 
-A component registers a builder under a name, optionally with the dataclass of its
-recipe parameters. Recipes name components; the config loader validates their
-parameters against the registered dataclass, and the model factory calls the builder.
+Kinds: ``image_tower`` and ``text_tower`` (the networks), ``encoder`` (reads its inputs
+from the batch, runs a tower), ``global_head`` (how an image encoder's global embedding is
+formed), ``objective`` and ``evaluator``. A component registers a builder under a name,
+with the dataclass of its recipe parameters:
 
     @register("objective", "clip", config=ClipConfig)
     class ClipObjective(Objective): ...
+
+Recipes name components; :func:`config_of` validates their parameters against the
+registered dataclass with the recipe loader's strict rules (dotted key, closest-key hint)
+when the recipe loads, and :func:`build` calls ``builder(config, *args)``.
 
 Registration happens when the defining module is imported; :func:`ensure_builtins`
 imports the built-in modules lazily so that ``vlp --help`` stays fast.
@@ -19,13 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("image_tower", "text_tower", "objective")
+KINDS = ("image_tower", "text_tower", "encoder", "global_head", "objective", "evaluator")
 
 #: Modules whose import registers the built-in components of each kind.
 _BUILTIN_MODULES = {
     "image_tower": ("vlp.models.image",),
     "text_tower": ("vlp.models.text",),
+    "encoder": ("vlp.models.encoders",),
+    "global_head": ("vlp.models.heads",),
     "objective": ("vlp.objectives",),
+    "evaluator": ("vlp.evaluation.evaluators",),
 }
 
 
@@ -78,3 +86,40 @@ def get(kind: str, name: str) -> Entry:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown {kind} {name!r}{hint} (known: {', '.join(known)})") from None
+
+
+def config_of(kind: str, name: str, params: dict | None, path: str, source: str | None = None):
+    """The registered config dataclass of ``kind``/``name`` filled from ``params``, strictly.
+
+    Raises :class:`vlp.config.loader.ConfigError` naming ``path`` (the dotted recipe key)
+    for an unknown name, key, type or value. A component registered without a config
+    takes no parameters (returns None).
+    """
+    from vlp.config.loader import ConfigError, from_dict
+
+    try:
+        entry = get(kind, name)
+    except KeyError as err:
+        raise ConfigError(source, path, str(err.args[0])) from None
+    params = dict(params or {})
+    if entry.config is None:
+        if params:
+            raise ConfigError(
+                source, path, f"{kind} {name!r} takes no parameters, got {sorted(params)}"
+            )
+        return None
+    return from_dict(entry.config, params, source=source, path=path)
+
+
+def build(kind: str, name: str, params=None, *args, path: str = "", **kwargs):
+    """Build a registered component: ``builder(config, *args, **kwargs)``.
+
+    ``params`` is a mapping (validated through :func:`config_of`) or an already built
+    config dataclass.
+    """
+    entry = get(kind, name)
+    if params is None or isinstance(params, dict):
+        params = config_of(kind, name, params, path or f"{kind} {name}")
+    if params is None:
+        return entry.builder(*args, **kwargs)
+    return entry.builder(params, *args, **kwargs)

@@ -44,13 +44,30 @@ def _objective_specs(raw, source: str | None) -> list:
     return specs
 
 
+def import_components(modules, source: str | None) -> None:
+    """Import the recipe's ``imports`` (modules that register components)."""
+    import importlib
+
+    if not isinstance(modules, list):
+        raise ConfigError(source, "imports", "expected a list of module names")
+    for i, module in enumerate(modules):
+        try:
+            importlib.import_module(str(module))
+        except ImportError as err:
+            raise ConfigError(source, f"imports[{i}]", f"cannot import {module!r}: {err}") from None
+
+
 def recipe_from_dict(data: dict, source: str | None = None):
+    from vlp.config.components import check_recipe
     from vlp.config.schema import RecipeConfig
 
     data = dict(data)
+    import_components(data.get("imports") or [], source)
     if "objectives" in data:
         data["objectives"] = _objective_specs(data["objectives"], source)
-    return from_dict(RecipeConfig, data, source=source)
+    cfg = from_dict(RecipeConfig, data, source=source)
+    check_recipe(cfg, source)
+    return cfg
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None):

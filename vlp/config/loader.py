@@ -12,9 +12,9 @@ dataclass, and it is strict:
 * ``--set a.b.c=value`` overrides are parsed as YAML scalars and typed by the schema.
 
 Dataclasses may define ``validate(self) -> None`` that raises ``ValueError`` for
-impossible values; its message is reported with the section's dotted path. A field whose
-value is a mapping keyed by component name can be validated against a registry by a
-``__post_load__`` hook (see ``schema.ObjectiveSpec``).
+impossible values; its message is reported with the section's dotted path. Parameters of
+registered components are validated against their registered dataclass with the same
+rules (``vlp.registry.config_of``).
 """
 
 from __future__ import annotations
@@ -267,9 +267,6 @@ def from_dict(cls: type, data: dict, *, source: str | None = None, path: str = "
         obj = cls(**kwargs)
     except (TypeError, ValueError) as err:  # checks in __post_init__
         raise ConfigError(source, path, str(err)) from None
-    post_load = getattr(obj, "__post_load__", None)
-    if post_load is not None:
-        obj = post_load(source=source, path=path) or obj
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:

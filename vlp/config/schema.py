@@ -55,6 +55,9 @@ class RecipeConfig:
     deepspeed: DeepSpeedConfig
     objectives: list[ObjectiveSpec]
     description: str = ""
+    #: Python modules imported before the recipe is validated, so that components they
+    #: register (encoders, objectives, evaluators, towers) can be named in the recipe.
+    imports: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -96,16 +96,29 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def image_size_of(model) -> int:
-    """The square input side the model was built for (``model.cfg.image.image_size``)."""
-    try:
-        return int(model.cfg.image.image_size)
-    except AttributeError as exc:
-        raise ValueError("model has no cfg.image.image_size; pass image_size explicitly") from exc
+def model_of(module):
+    """The ``VLPModel`` of a training module (``vlp.training.module``), or the model itself.
+
+    Evaluators take either: a training module brings its objectives' scorers, a bare model
+    is scored with the cosine of its embeddings.
+    """
+    return getattr(module, "model", module)
 
 
-def tokenizer_of(model):
-    return model.text_tower.tokenizer
+def image_size_of(module) -> int:
+    """The square input side the model was built for (``data.image_size``)."""
+    return int(model_of(module).image_size)
+
+
+def tokenizer_of(module):
+    return model_of(module).tokenizer
+
+
+def image_features(module, batch: dict, device) -> dict:
+    """The primary image encoder's projected features (``image_global``, ``image_local``,
+    ``image_grid``) of a loader batch: the encoder reads the views it declares."""
+    images = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return model_of(module).encode_image(images)
 
 
 def random_init_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -149,7 +162,7 @@ def scorer_of(model, objective: str | None = None, regions: bool = False):
         scorers = [s for s in scorers if s.has_regions] or scorers
     if scorers:
         return scorers[0]
-    dims = getattr(model, "dims", None)
+    dims = getattr(model_of(model), "dims", None)
     shared = dims is not None and dims.local_dim == dims.embed_dim
     return CosineScorer("report", region_text_kind="report" if shared else None)
 
@@ -158,7 +171,7 @@ def scorer_of(model, objective: str | None = None, regions: bool = False):
 def text_embeddings(model, texts: list[str], kind: str, batch_size: int = 64) -> torch.Tensor:
     """Projected embeddings (``report`` or ``sentence`` space) of raw strings, batched."""
     rows = [
-        model.encode_text(list(texts[i : i + batch_size]), kind=kind).float()
+        model_of(model).encode_text(list(texts[i : i + batch_size]), kind=kind).float()
         for i in range(0, len(texts), batch_size)
     ]
     return torch.cat(rows) if rows else torch.zeros(0, 0)
@@ -174,14 +187,16 @@ def eval_loader(
     workers: int = 0,
     image_size: int | None = None,
 ):
-    """The evaluation loader of ``data`` for ``model``: frontal views, centre crop, in order."""
+    """The evaluation loader of ``data`` for ``model``: the views and priors its encoders
+    read (at least ``priors`` priors), centre crop, in order."""
+    need = model_of(model).requirements()
     cfg = LoaderConfig(
         shards=str(data),
         batch_size=batch_size,
         workers=workers,
         image_size=image_size or image_size_of(model),
-        views=["frontal"],
-        priors=priors,
+        views=["frontal", *sorted(need.views - {"frontal"})],
+        priors=max(priors, need.priors),
         sentences=sentences,
         shuffle_buffer=0,
         shard_shuffle=False,
@@ -287,20 +302,19 @@ def extract_features(
     )
     keys, meta, globals_, labels, severity = [], [], [], [], []
     report_rows, prior_rows, prior_masks = [], [], []
+    net = model_of(model)
     for batch in progress(loader, data, batch_size, desc):
-        image = batch["frontal"].to(device)
-        globals_.append(model.encode_image(image)["image_global"].float().cpu())
+        globals_.append(image_features(net, batch, device)["image_global"].float().cpu())
         if reports:
-            tokens = batch["report_input_ids"].to(device), batch["report_attention_mask"].to(device)
-            report_rows.append(
-                model.report_head(model.text_tower.encode_reports(*tokens)).float().cpu()
-            )
+            tokens = {k: batch[k].to(device) for k in ("report_input_ids", "report_attention_mask")}
+            report_rows.append(net.encode(tokens, {"report"})["report"].float().cpu())
         if priors:
+            # The prior study through the same encoder: its frontal view as the current one.
             mask = batch["prior_mask"][:, 0]
             rows = torch.zeros_like(globals_[-1])
             if bool(mask.any()):
                 prior_images = batch["prior_frontal"][:, 0][mask].to(device)
-                rows[mask] = model.encode_image(prior_images)["image_global"].float().cpu()
+                rows[mask] = net.encode_image(prior_images)["image_global"].float().cpu()
             prior_rows.append(rows)
             prior_masks.append(mask)
         keys += batch["keys"]

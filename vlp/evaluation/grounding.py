@@ -42,6 +42,7 @@ from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
 from vlp.evaluation.features import (
     eval_loader,
+    image_features,
     image_size_of,
     model_device,
     progress,
@@ -197,7 +198,7 @@ def evaluate(
                 index.append(b)
         if not targets:
             continue
-        feats = model.encode_image(batch["frontal"].to(device))
+        feats = image_features(model, batch, device)
         gh, gw = feats["image_grid"]
         text = text_embeddings(model, [t["phrase"] for t in targets], kind).to(device)
         # Region scores T×R: target t is phrase t on image index[t].

@@ -38,7 +38,9 @@ from vlp.evaluation import metrics
 from vlp.evaluation.features import (
     eval_loader,
     extract_features,
+    image_features,
     model_device,
+    model_of,
     progress,
     random_init_copy,
     sibling_split,
@@ -147,12 +149,8 @@ def finetune_auroc(
     torch.manual_seed(seed)
     net = copy.deepcopy(model).train()
     device = model_device(net)
-    head = torch.nn.Linear(net.dims.embed_dim, len(CHEXPERT_LABELS)).to(device)
-    params = list(net.image_tower.parameters()) + list(head.parameters())
-    if net.image_global_head is not None:
-        params += list(net.image_global_head.parameters())
-    else:
-        params += list(net.image_local_head.parameters())
+    head = torch.nn.Linear(model_of(net).dims.embed_dim, len(CHEXPERT_LABELS)).to(device)
+    params = model_of(net).image_parameters() + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr)
     for epoch in range(epochs):
         loader = eval_loader(net, train_data, batch_size=batch_size)
@@ -161,7 +159,7 @@ def finetune_auroc(
             known = (labels == 0) | (labels == 1)
             if not bool(known.any()):
                 continue
-            logits = head(net.encode_image(batch["frontal"].to(device))["image_global"])
+            logits = head(image_features(net, batch, device)["image_global"])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits[known], labels[known]
             )
@@ -173,7 +171,7 @@ def finetune_auroc(
     with torch.no_grad():
         loader = eval_loader(net, test_data, batch_size=batch_size)
         for batch in progress(loader, test_data, batch_size, "finetune test"):
-            out = head(net.encode_image(batch["frontal"].to(device))["image_global"])
+            out = head(image_features(net, batch, device)["image_global"])
             scores.append(out.float().cpu().numpy())
             labels.append(batch["labels"].numpy())
     scores, labels = np.concatenate(scores), np.concatenate(labels)

@@ -25,6 +25,7 @@ from vlp.evaluation import metrics
 from vlp.evaluation.features import (
     eval_loader,
     extract_features,
+    image_features,
     model_device,
     progress,
     scorer_of,
@@ -163,7 +164,7 @@ def _score_images(model, data, scorer, batch_size: int, texts_for):
     loader = eval_loader(model, data, batch_size=batch_size)
     rows, metas = [], []
     for batch in progress(loader, data, batch_size, "retrieval: images"):
-        feats = model.encode_image(batch["frontal"].to(device))
+        feats = image_features(model, batch, device)
         rows.append(scorer.scores(feats, texts_for(feats)).float())
         metas += batch["meta"]
     if not rows:

@@ -40,7 +40,9 @@ from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
 from vlp.evaluation.features import (
     eval_loader,
+    image_features,
     model_device,
+    model_of,
     progress,
     scorer_of,
     sibling_split,
@@ -127,9 +129,13 @@ class PromptScorer:
             self.ensembles = torch.stack([ensemble(self.text[ix]) for ix in self.groups.values()])
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images → (per-prompt scores N×P, per-group ensemble scores N×G)."""
-        feats = self.model.encode_image(images)
+    def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """A loader batch (or uint8 images of the primary encoder's view) → (per-prompt
+        scores N×P, per-group ensemble scores N×G)."""
+        if isinstance(images, dict):
+            feats = image_features(self.model, images, model_device(self.model))
+        else:
+            feats = model_of(self.model).encode_image(images)
         prompt_scores = self.scorer.scores(feats, self.text)
         if self.scorer.prompt_ensemble == "embedding":
             group_scores = self.scorer.scores(feats, self.ensembles)
@@ -143,10 +149,9 @@ class PromptScorer:
 def score_split(model, data, scorer: PromptScorer, batch_size: int, desc: str) -> dict:
     """Run the scorer over a split: scores, labels and keys."""
     loader = eval_loader(model, data, batch_size=batch_size)
-    device = model_device(model)
     prompt_rows, group_rows, labels, keys = [], [], [], []
     for batch in progress(loader, data, batch_size, desc):
-        prompt_scores, group_scores = scorer(batch["frontal"].to(device))
+        prompt_scores, group_scores = scorer(batch)
         prompt_rows.append(prompt_scores)
         group_rows.append(group_scores)
         labels.append(batch["labels"].numpy())

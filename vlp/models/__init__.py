@@ -1,4 +1,4 @@
-"""Models: image towers, text towers, projection heads and the :class:`VLPModel`.
+"""Models: image and text towers, encoders, projection heads and the :class:`VLPModel`.
 
 Names are resolved lazily so that importing a submodule (``vlp.models.image``, which the
 registry and the objectives import) does not pull in the whole model.
@@ -7,10 +7,10 @@ registry and the objectives import) does not pull in the whole model.
 from __future__ import annotations
 
 _EXPORTS = {
+    "FeatureDims": "vlp.models.model",
     "ModelConfig": "vlp.models.model",
     "VLPModel": "vlp.models.model",
     "build_model": "vlp.models.model",
-    "model_param_groups": "vlp.models.model",
     "ImageTowerConfig": "vlp.models.image",
     "TextTowerConfig": "vlp.models.text",
     "HeadConfig": "vlp.models.heads",

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlp.registry import register
+
 HEAD_KINDS = ("linear", "mlp", "identity")
 
 
@@ -105,3 +107,42 @@ class LogitScale(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.clamp(max=self.max_log).exp().squeeze(0)
+
+
+# ------------------------------------------------------------------ global heads
+
+
+class GlobalHead(nn.Module):
+    """Forms an image encoder's ``B×D`` global embedding from its pooled feature and its
+    projected local tokens. Kinds register as ``global_head`` (``model.global_head``)."""
+
+    out_dim: int
+
+    def forward(self, pooled: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register("global_head", "pool")
+class PooledProjection(GlobalHead):
+    """``pool``: the tower's pooled feature through a projection head (CLIP, ConVIRT)."""
+
+    def __init__(self, pooled_dim: int, local_dim: int, embed_dim: int, projection, where):
+        super().__init__()
+        self.head = ProjectionHead(pooled_dim, embed_dim, projection, where)
+        self.out_dim = self.head.out_dim
+
+    def forward(self, pooled, local):
+        return self.head(pooled)
+
+
+@register("global_head", "mean_local")
+class MeanOfLocal(GlobalHead):
+    """``mean_local``: the mean of the projected local tokens (BioViL, Boecking et al. 2022),
+    so global and local features share one space."""
+
+    def __init__(self, pooled_dim: int, local_dim: int, embed_dim: int, projection, where):
+        super().__init__()
+        self.out_dim = local_dim
+
+    def forward(self, pooled, local):
+        return local.mean(dim=1)

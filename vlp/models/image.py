@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from vlp.registry import get, register
+from vlp.registry import register
 
 
 @dataclass
@@ -49,9 +49,6 @@ class ImageTowerConfig:
     #: intensity normalisation after scaling uint8 to [0, 1].
     mean: float = 0.5
     std: float = 0.25
-    #: side of the square probe image used to discover feature sizes at build time; use the
-    #: training crop size (ViTs need it to match their position embeddings).
-    image_size: int = 224
     #: parameters of the registered tower, validated against its config dataclass.
     params: dict = field(default_factory=dict)
 
@@ -60,7 +57,7 @@ class ImageTowerConfig:
 class TimmTowerParams:
     #: timm model name; filled from ``timm:<name>`` / bare names.
     model_name: str = ""
-    #: ViT-style models need the input size to size their position embeddings.
+    #: ViT-style models are built for ``data.image_size``; a value here must equal it.
     img_size: int | None = None
     drop_path_rate: float = 0.0
     #: None keeps the model's default global pooling (avg for CNNs, class token for ViTs).
@@ -73,7 +70,8 @@ class TimmTowerParams:
 class OpenClipTowerParams:
     #: open_clip model name; filled from ``open_clip:<name>``.
     model_name: str = ""
-    #: overrides the model config's image size (``force_image_size``).
+    #: the model is built for ``data.image_size`` (``force_image_size``); a value here
+    #: must equal it.
     image_size: int | None = None
 
 
@@ -190,22 +188,6 @@ def load_local_weights(module: nn.Module, path: str, strip_prefixes=("module.",)
     module.load_state_dict(adapted, strict=True)
 
 
-def params_from_dict(config_cls: type, params: dict, where: str):
-    """Build ``config_cls(**params)``, naming unknown keys and the closest known one.
-
-    (Shared by the model and objective factories; a candidate for ``vlp.registry``.)
-    """
-    known = {f.name for f in fields(config_cls)}
-    for key in params:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"{where}: unknown parameter {key!r}{hint} (known: {', '.join(sorted(known))})"
-            )
-    return config_cls(**params)
-
-
 # --------------------------------------------------------------------------- towers
 
 
@@ -272,23 +254,37 @@ class ImageTower(nn.Module):
 class TimmTower(ImageTower):
     """Any timm model; one ``forward_features`` pass feeds both local and global outputs."""
 
-    def __init__(self, cfg: ImageTowerConfig, params: TimmTowerParams):
+    def __init__(self, cfg: ImageTowerConfig, params: TimmTowerParams, image_size: int):
         super().__init__(cfg.mean, cfg.std)
         import timm
 
         if not params.model_name:
             raise ValueError("timm image tower: set the model name, e.g. name: timm:resnet50")
+        if params.img_size is not None and params.img_size != image_size:
+            raise ValueError(
+                f"params.img_size ({params.img_size}) disagrees with data.image_size "
+                f"({image_size}): a recipe has one image size, set data.image_size only"
+            )
         kwargs = dict(params.kwargs)
-        if params.img_size is not None:
-            kwargs["img_size"] = params.img_size
         if params.global_pool is not None:
             kwargs["global_pool"] = params.global_pool
         if params.drop_path_rate:
             kwargs["drop_path_rate"] = params.drop_path_rate
-        try:
-            self.model = timm.create_model(
-                params.model_name, pretrained=False, in_chans=1, num_classes=0, **kwargs
+
+        def create(**extra):
+            return timm.create_model(
+                params.model_name, pretrained=False, in_chans=1, num_classes=0, **kwargs, **extra
             )
+
+        try:
+            # Models with position embeddings (ViTs) are sized for the recipe's images; the
+            # others reject img_size in their constructor before building anything.
+            try:
+                self.model = create(img_size=image_size)
+            except TypeError as err:
+                if "img_size" not in str(err):
+                    raise
+                self.model = create()
         except RuntimeError as err:
             if "Unknown model" in str(err):
                 close = difflib.get_close_matches(params.model_name, timm.list_models(), n=3)
@@ -334,7 +330,7 @@ class TimmTower(ImageTower):
 class OpenClipTower(ImageTower):
     """open_clip's vision tower (``model.visual``) with a 1-channel first convolution."""
 
-    def __init__(self, cfg: ImageTowerConfig, params: OpenClipTowerParams):
+    def __init__(self, cfg: ImageTowerConfig, params: OpenClipTowerParams, image_size: int):
         super().__init__(cfg.mean, cfg.std)
         import open_clip
 
@@ -343,10 +339,14 @@ class OpenClipTower(ImageTower):
         if params.model_name not in open_clip.list_models():
             close = difflib.get_close_matches(params.model_name, open_clip.list_models(), n=3)
             raise ValueError(f"unknown open_clip model {params.model_name!r}; close: {close}")
-        kwargs = {}
-        if params.image_size is not None:
-            kwargs["force_image_size"] = params.image_size
-        clip = open_clip.create_model(params.model_name, pretrained=None, **kwargs)
+        if params.image_size is not None and params.image_size != image_size:
+            raise ValueError(
+                f"params.image_size ({params.image_size}) disagrees with data.image_size "
+                f"({image_size}): a recipe has one image size, set data.image_size only"
+            )
+        clip = open_clip.create_model(
+            params.model_name, pretrained=None, force_image_size=image_size
+        )
         self.model = clip.visual
         if not hasattr(self.model, "forward_intermediates"):
             raise ValueError(
@@ -388,7 +388,7 @@ class LiaoResNet(ImageTower):
     ``liao_resnet256_5`` reproduces that shape with a stride-2 stem and five stages.
     """
 
-    def __init__(self, cfg: ImageTowerConfig, params: LiaoResNetParams):
+    def __init__(self, cfg: ImageTowerConfig, params: LiaoResNetParams, image_size: int = 256):
         super().__init__(cfg.mean, cfg.std)
         from torchvision.models.resnet import BasicBlock
 
@@ -445,19 +445,23 @@ class LiaoResNet(ImageTower):
 
 
 @register("image_tower", "timm", config=TimmTowerParams)
-def build_timm_tower(cfg: ImageTowerConfig, params: TimmTowerParams) -> ImageTower:
-    return TimmTower(cfg, params)
+def build_timm_tower(params: TimmTowerParams, cfg: ImageTowerConfig, image_size: int) -> ImageTower:
+    return TimmTower(cfg, params, image_size)
 
 
 @register("image_tower", "open_clip", config=OpenClipTowerParams)
-def build_open_clip_tower(cfg: ImageTowerConfig, params: OpenClipTowerParams) -> ImageTower:
-    return OpenClipTower(cfg, params)
+def build_open_clip_tower(
+    params: OpenClipTowerParams, cfg: ImageTowerConfig, image_size: int
+) -> ImageTower:
+    return OpenClipTower(cfg, params, image_size)
 
 
 @register("image_tower", "liao_resnet256_6", config=LiaoResNetParams)
-def build_liao_resnet256_6(cfg: ImageTowerConfig, params: LiaoResNetParams) -> ImageTower:
+def build_liao_resnet256_6(
+    params: LiaoResNetParams, cfg: ImageTowerConfig, image_size: int
+) -> ImageTower:
     """Released-code ResNet256_6_2_1: local 8×8×128, global 768."""
-    return LiaoResNet(cfg, params)
+    return LiaoResNet(cfg, params, image_size)
 
 
 @dataclass
@@ -473,9 +477,11 @@ class LiaoResNet5Params(LiaoResNetParams):
 
 
 @register("image_tower", "liao_resnet256_5", config=LiaoResNet5Params)
-def build_liao_resnet256_5(cfg: ImageTowerConfig, params: LiaoResNet5Params) -> ImageTower:
+def build_liao_resnet256_5(
+    params: LiaoResNet5Params, cfg: ImageTowerConfig, image_size: int
+) -> ImageTower:
     """The paper's local-MI encoder shape: 4×4×512 local features on 256×256 input."""
-    return LiaoResNet(cfg, params)
+    return LiaoResNet(cfg, params, image_size)
 
 
 def resolve_image_tower(name: str) -> tuple[str, dict]:
@@ -491,13 +497,26 @@ def resolve_image_tower(name: str) -> tuple[str, dict]:
     return "timm", {"model_name": name}
 
 
-def build_image_tower(cfg: ImageTowerConfig) -> ImageTower:
-    """Build the tower ``cfg.name`` names and discover its feature sizes."""
+def image_tower_config(
+    cfg: ImageTowerConfig, path: str = "model.encoders.image.tower", source=None
+):
+    """(registry name, validated params) of the tower ``cfg.name`` names."""
+    from vlp.registry import config_of
+
     registry_name, implied = resolve_image_tower(cfg.name)
-    entry = get("image_tower", registry_name)
-    params = params_from_dict(
-        entry.config, {**implied, **cfg.params}, f"model.image.params ({cfg.name})"
+    params = config_of(
+        "image_tower", registry_name, {**implied, **cfg.params}, f"{path}.params", source
     )
-    tower = entry.builder(cfg, params)
-    tower._discover_dims(cfg.image_size)
+    return registry_name, params
+
+
+def build_image_tower(
+    cfg: ImageTowerConfig, image_size: int, path: str = "model.encoders.image.tower"
+) -> ImageTower:
+    """Build the tower ``cfg.name`` names for ``image_size`` images; discover its sizes."""
+    from vlp.registry import build
+
+    registry_name, params = image_tower_config(cfg, path)
+    tower = build("image_tower", registry_name, params, cfg, image_size)
+    tower._discover_dims(image_size)
     return tower

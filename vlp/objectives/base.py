@@ -8,13 +8,12 @@ batch, to every objective; each returns an :class:`ObjectiveOutput`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from vlp.config.loader import from_dict
-from vlp.registry import get
+from vlp.models.model import FeatureDims
+from vlp.registry import build
 
 
 @dataclass
@@ -34,26 +33,32 @@ class ObjectiveOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class FeatureDims:
-    """Widths of the projected features, so objectives can size their own modules."""
-
-    embed_dim: int  # image_global and report
-    local_dim: int  # image_local
-    sentence_dim: int  # sentence
-
-
 class Objective(nn.Module):
-    """Base class. Subclasses set ``Config`` and register with ``@register("objective", ...)``."""
+    """Base class. Subclasses register with ``@register("objective", name, config=...)``.
 
-    Config: ClassVar[type]
-    #: feature keys the objective reads; the model computes only what some objective needs.
-    required_features: frozenset[str] = frozenset()
+    An objective declares what it needs as functions of its config, so the recipe loader
+    checks them before anything is built: :meth:`features_needed` (feature keys the model
+    must produce; the model computes only those) and :meth:`fields_needed` (batch label
+    fields, ``vlp.data.requirements.LABEL_FIELDS``). Its own parameters (critics,
+    temperatures, logit scales) live in the objective.
+    """
 
     def __init__(self, config, dims: FeatureDims):
         super().__init__()
         self.config = config
         self.dims = dims
+
+    @classmethod
+    def features_needed(cls, config) -> frozenset[str]:
+        return frozenset()
+
+    @classmethod
+    def fields_needed(cls, config) -> frozenset[str]:
+        return frozenset()
+
+    @property
+    def required_features(self) -> frozenset[str]:
+        return type(self).features_needed(self.config)
 
     def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
         raise NotImplementedError
@@ -89,9 +94,5 @@ def valid_sentences(features: dict) -> torch.Tensor:
 
 def build_objective(spec: ObjectiveSpec, dims: FeatureDims, where: str = "objectives") -> Objective:
     """Instantiate a registered objective, validating ``spec.params`` against its Config."""
-    entry = get("objective", spec.name)
-    if entry.config is None:
-        raise TypeError(f"objective {spec.name!r} was registered without a config dataclass")
     # Typed and strict like the recipe itself (nested dataclasses such as a critic too).
-    config = from_dict(entry.config, dict(spec.params), path=where)
-    return entry.builder(config, dims)
+    return build("objective", spec.name, dict(spec.params), dims, path=where)

@@ -10,6 +10,7 @@ gradients equal those of one process holding the whole global batch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from vlp import distributed
+from vlp.models.heads import LogitScale
 from vlp.objectives.base import FeatureDims, Objective, ObjectiveOutput, valid_sentences
 from vlp.objectives.scoring import CosineScorer
 from vlp.registry import register
@@ -33,6 +35,9 @@ class ClipConfig:
     text: str = "report"
     #: L2-normalise both sides (cosine similarities), as CLIP does.
     normalize: bool = True
+    #: initial log logit scale (CLIP: log 1/0.07) and its cap (log 100).
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = math.log(100.0)
 
 
 def pick_random_sentence(features: dict) -> torch.Tensor:
@@ -60,20 +65,25 @@ def pick_random_sentence(features: dict) -> torch.Tensor:
 
 @register("objective", "clip", config=ClipConfig)
 class ClipObjective(Objective):
-    """Symmetric image–text InfoNCE with the model's learnable logit scale."""
-
-    Config = ClipConfig
+    """Symmetric image–text InfoNCE with its own learnable logit scale."""
 
     def __init__(self, config: ClipConfig, dims: FeatureDims):
         super().__init__(config, dims)
         if config.text not in TEXT_SOURCES:
             raise ValueError(f"clip.text must be one of {TEXT_SOURCES}, got {config.text!r}")
-        if config.image_key != "image_global":
-            raise ValueError(f"clip.image_key must be image_global, got {config.image_key!r}")
+        if not config.image_key.endswith("_global"):
+            raise ValueError(
+                f"clip.image_key must be an image encoder's global feature (<name>_global), "
+                f"got {config.image_key!r}"
+            )
+        self.logit_scale = LogitScale(config.logit_scale_init, config.logit_scale_max)
+
+    @classmethod
+    def features_needed(cls, config: ClipConfig) -> frozenset[str]:
         needed = {config.image_key, "report"}
         if config.text == "random_sentence":
             needed.add("sentence")
-        self.required_features = frozenset(needed)
+        return frozenset(needed)
 
     def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
         image = features[self.config.image_key]
@@ -82,7 +92,7 @@ class ClipObjective(Objective):
             text = pick_random_sentence(features)
         if self.config.normalize:
             image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-        scale = features["logit_scale"]
+        scale = self.logit_scale()
         loss_fn = ClipLoss(
             local_loss=True,
             gather_with_grad=True,

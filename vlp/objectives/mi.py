@@ -338,8 +338,6 @@ class GlobalMIConfig:
 class GlobalMIObjective(Objective):
     """Liao et al. 2021 global MI between image and report features."""
 
-    Config = GlobalMIConfig
-
     def __init__(self, config: GlobalMIConfig, dims: FeatureDims):
         super().__init__(config, dims)
         if config.estimator not in ESTIMATORS:
@@ -348,10 +346,13 @@ class GlobalMIObjective(Objective):
         for key in (config.image_key, config.text_key):
             if key not in widths:
                 raise ValueError(f"global_mi: feature {key!r} is not one of {sorted(widths)}")
-        self.required_features = frozenset({config.image_key, config.text_key})
         self.critic = build_critic(
             config.critic, widths[config.image_key], widths[config.text_key], "global_mi"
         )
+
+    @classmethod
+    def features_needed(cls, config: GlobalMIConfig) -> frozenset[str]:
+        return frozenset({config.image_key, config.text_key})
 
     def scorer(self) -> GlobalCriticScorer:
         kind = "sentence" if self.config.text_key == "sentence" else "report"
@@ -435,9 +436,6 @@ class LocalMIConfig:
 class LocalMIObjective(Objective):
     """Liao et al. 2021 local MI (Eq. 5): max-over-regions sentence–region critic."""
 
-    Config = LocalMIConfig
-    required_features = frozenset({"image_local", "sentence"})
-
     def __init__(self, config: LocalMIConfig, dims: FeatureDims):
         super().__init__(config, dims)
         if config.estimator not in ESTIMATORS:
@@ -445,6 +443,10 @@ class LocalMIObjective(Objective):
         if config.chunk_size < 1:
             raise ValueError("local_mi.chunk_size must be positive")
         self.critic = build_critic(config.critic, dims.local_dim, dims.sentence_dim, "local_mi")
+
+    @classmethod
+    def features_needed(cls, config: LocalMIConfig) -> frozenset[str]:
+        return frozenset({"image_local", "sentence"})
 
     # -- pieces -------------------------------------------------------------------------
 

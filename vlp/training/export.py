@@ -56,11 +56,13 @@ def export(run_dir: str | Path, out: str | Path | None = None, step: int | None 
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """Rebuild the model of an export folder (or a run directory, exporting it first)."""
+    """Rebuild the training module (model and objectives, whose scorers the evaluators use)
+    of an export folder, or of a run directory (exporting it first); returns it in eval
+    mode with the recipe."""
     from safetensors.torch import load_file
 
     from vlp.config import load_recipe
-    from vlp.models import build_model
+    from vlp.training.module import build_pretraining_module
 
     path = Path(path)
     if not (path / WEIGHTS).is_file():
@@ -74,7 +76,7 @@ def load_model(path: str | Path, device: str = "cpu"):
 
     torch.set_flush_denormal(True)  # see vlp.training.trainer: denormals slow CPU kernels badly
     cfg = load_recipe(path / CONFIG)
-    model = build_model(cfg.model, cfg.objectives)
+    model = build_pretraining_module(cfg.model, cfg.objectives, cfg.data.image_size)
     missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
     if missing or unexpected:
         raise ValueError(

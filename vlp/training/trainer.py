@@ -6,8 +6,9 @@ The flow of :func:`pretrain`:
 2. detect the launch (single process, torchrun, Slurm srun) and start the process group;
 3. prepare the run directory (``config.yaml``, ``log.txt``, ``tensorboard/``) and the data
    (phantom shards built into a cache on first use when the recipe names no shards);
-4. build the model (towers, heads and objectives in one ``nn.Module``), the parameter
-   groups and schedule, and hand them to ``deepspeed.initialize``;
+4. build the training module (``vlp.training.module``: the model's encoders and heads, and
+   the objectives), the parameter groups and schedule, and hand them to
+   ``deepspeed.initialize``;
 5. resume from ``--resume`` (a checkpoint folder, or ``auto`` for the newest completed one);
 6. train, checkpointing into ``step-N/`` every ``checkpoint.every`` steps, at the end, and
    at the next step boundary after SIGUSR1/SIGTERM (then requeue under Slurm).
@@ -138,8 +139,8 @@ def pretrain(
     import torch.distributed as dist
 
     from vlp import distributed
-    from vlp.models import build_model, model_param_groups
     from vlp.training import checkpoint, optim
+    from vlp.training.module import build_pretraining_module, param_groups_of
 
     env = distributed.detect_env()
     # DeepSpeed reads the torchrun variables; export them for Slurm and single runs too.
@@ -179,14 +180,14 @@ def pretrain(
     # CPU kernels up to 40x slower (measured: a debug step 3.0 s -> 0.08 s); flush them.
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.objectives)
-    groups = optim.param_groups(model_param_groups(model), cfg.optim)
+    module = build_pretraining_module(cfg.model, cfg.objectives, cfg.data.image_size)
+    if cfg.deepspeed.activation_checkpointing:
+        module.model.set_grad_checkpointing(True)
+    groups = optim.param_groups(param_groups_of(module), cfg.optim)
     optimizer = optim.build_optimizer(groups, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.train.steps, cfg.optim)
-    if cfg.deepspeed.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
+        model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world),
@@ -209,7 +210,7 @@ def pretrain(
                 group["lr"] = base * optim.lr_multiplier(start_step, cfg.train.steps, cfg.optim)
             LOG.info("resumed from %s at step %d", folder, start_step)
 
-    tokenizer = engine.module.text_tower.tokenizer
+    tokenizer = engine.module.model.tokenizer  # None for an image-only model
     if batch_source is not None:
         loader = None
         batches = batch_source(rank, world, tokenizer)
@@ -292,10 +293,6 @@ def pretrain(
                 grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 scalars["optim/grad_norm"] = float(grad_norm)
-            scale = getattr(engine.module, "logit_scale", None)
-            if scale is not None:
-                with torch.no_grad():
-                    scalars["optim/logit_scale"] = float(scale().float())
             scalars.update(
                 {
                     "perf/step_time_s": elapsed,
@@ -332,8 +329,13 @@ def pretrain(
     finally:
         monitor.close()
     if loader is not None and rank == 0:
-        skipped = loader.stats.get("skipped", 0) if isinstance(loader.stats, dict) else 0
-        if skipped:
-            LOG.warning("loader skipped %d corrupt sample(s): %s", skipped, loader.stats)
+        stats = loader.stats
+        if stats.samples_skipped:
+            # Corrupt samples are skipped and counted, never silently dropped.
+            LOG.warning(
+                "loader skipped %d corrupt sample(s); first: %s",
+                stats.samples_skipped,
+                stats.skipped[:5],
+            )
     LOG.info("done at step %d", step)
     return history
