@@ -89,7 +89,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from vlp.evaluation import run_evaluator
 
-    run_evaluator(args.task, args)
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "task")}
+    run_evaluator(args.task, **values)
     return 0
 
 
@@ -118,7 +119,39 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-EVAL_TASKS = ("zero-shot", "linear-probe", "retrieval", "edema", "grounding", "temporal")
+def _add_eval_parsers(parser: argparse.ArgumentParser) -> None:
+    """``vlp eval TASK`` for every registered evaluator: the common options, then the
+    fields of the evaluator's options dataclass as flags."""
+    import dataclasses
+
+    from vlp import registry
+
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", parser_class=_Parser)
+    tasks.required = True
+    for name in registry.names("evaluator"):
+        options = registry.get("evaluator", name).config
+        summary = (options.__doc__ or name).strip()
+        p = tasks.add_parser(name, help=summary, description=summary, epilog=EPILOG)
+        p.add_argument("--checkpoint", required=True, help="export folder or run directory")
+        p.add_argument(
+            "--data", required=True, help="shards: manifest.json, its folder, or a brace pattern"
+        )
+        p.add_argument(
+            "--out", required=True, help="output folder for results.json, results.md, figures"
+        )
+        p.add_argument("--figures", action="store_true", help="also write PNG figures")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs"
+        )
+        for f in dataclasses.fields(options):
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            help_text = f.metadata.get("help")
+            if f.type in (bool, "bool"):
+                p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            else:
+                p.add_argument(flag, dest=f.name, default=f.default, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,38 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="evaluate a checkpoint: " + ", ".join(EVAL_TASKS),
-        description="Evaluate an exported checkpoint (or run directory) on shards.",
+        help="evaluate a checkpoint (vlp eval --help lists the evaluators)",
+        description="Evaluate an exported checkpoint (or run directory) on shards with a "
+        "registered evaluator (vlp.evaluation.evaluators).",
         epilog=EPILOG,
     )
-    p.add_argument("task", choices=EVAL_TASKS, help="which evaluation")
-    p.add_argument("--checkpoint", required=True, help="export folder or run directory")
-    p.add_argument(
-        "--data", required=True, help="shards: manifest.json, its folder, or a brace pattern"
-    )
-    p.add_argument(
-        "--out", required=True, help="output folder for results.json, results.md, figures"
-    )
-    p.add_argument("--figures", action="store_true", help="also write PNG figures")
-    p.add_argument(
-        "--train-data", default=None, help="training split for probes (default: sibling train/)"
-    )
-    p.add_argument(
-        "--prompts", default=None, help="prompt YAML for zero-shot (default: shipped prompts)"
-    )
-    p.add_argument(
-        "--scorer",
-        default=None,
-        metavar="OBJECTIVE",
-        help="zero-shot, retrieval, grounding: score images against texts with this "
-        "objective's scorer (default: the recipe's first objective that defines one)",
-    )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
-    p.add_argument(
-        "--finetune", action="store_true", help="linear-probe: tune the encoder end to end"
-    )
+    _add_eval_parsers(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

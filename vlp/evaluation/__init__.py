@@ -2,25 +2,19 @@
 
 Each evaluator module has ``evaluate(model, data, out, ...) -> dict`` (the Python API) and
 writes ``results.json`` and ``results.md`` (and PNG figures when asked) into ``out``.
-:func:`run_evaluator` is the ``vlp eval TASK`` entry point: it loads the exported
-checkpoint and calls the evaluator with the command line's options.
+Evaluators are registered in :mod:`vlp.evaluation.evaluators` (kind ``evaluator``), with
+the dataclass of their options; :func:`run_evaluator` is the ``vlp eval TASK`` entry
+point: it loads the exported checkpoint and runs the registered evaluator.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
+import dataclasses
 import json
 from pathlib import Path
 
-TASKS = {
-    "zero-shot": "zero_shot",
-    "linear-probe": "linear_probe",
-    "retrieval": "retrieval",
-    "edema": "edema",
-    "grounding": "grounding",
-    "temporal": "temporal",
-}
+#: options every evaluator takes, with their defaults.
+COMMON_OPTIONS = {"figures": False, "seed": 0, "bootstrap": 1000, "batch_size": 32}
 
 
 def pick_device() -> str:
@@ -29,32 +23,30 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_evaluator(task: str, args: argparse.Namespace) -> dict:
-    """Load ``args.checkpoint`` and run evaluator ``task``; prints where results went."""
-    if task not in TASKS:
-        raise ValueError(f"unknown evaluation task {task!r}; expected one of {list(TASKS)}")
+def evaluator_options(task: str, values: dict):
+    """The registered options dataclass of ``task`` filled from ``values`` (extra keys, such
+    as the common options, are ignored)."""
+    from vlp import registry
+
+    entry = registry.get("evaluator", task)
+    names = {f.name for f in dataclasses.fields(entry.config)}
+    return registry.config_of(
+        "evaluator", task, {k: v for k, v in values.items() if k in names}, f"vlp eval {task}"
+    )
+
+
+def run_evaluator(task: str, checkpoint, data, out, **values) -> dict:
+    """Load ``checkpoint`` (an export folder or run directory) and run evaluator ``task`` on
+    ``data``, writing into ``out``; ``values`` holds its options and the common ones."""
+    from vlp import registry
     from vlp.training.export import load_model
 
-    module = importlib.import_module(f"vlp.evaluation.{TASKS[task]}")
-    model, _ = load_model(args.checkpoint, device=pick_device())
-    common = dict(
-        figures=bool(getattr(args, "figures", False)),
-        seed=int(getattr(args, "seed", 0)),
-        bootstrap=int(getattr(args, "bootstrap", 1000)),
-        batch_size=int(getattr(args, "batch_size", 32)),
-    )
-    extra: dict = {}
-    train_data = getattr(args, "train_data", None)
-    if task in ("zero-shot", "retrieval", "grounding"):
-        extra["objective"] = getattr(args, "scorer", None)
-    if task == "zero-shot":
-        extra["prompts"] = getattr(args, "prompts", None)
-    elif task in ("linear-probe", "edema"):
-        extra["train_data"] = train_data or "auto"
-        if task == "linear-probe":
-            extra["finetune"] = bool(getattr(args, "finetune", False))
-    results = module.evaluate(model, args.data, args.out, **common, **extra)
-    out = Path(args.out)
+    entry = registry.get("evaluator", task)
+    options = evaluator_options(task, values)
+    common = {k: type(d)(values.get(k, d)) for k, d in COMMON_OPTIONS.items()}
+    model, _ = load_model(checkpoint, device=pick_device())
+    results = entry.builder(options, model, data, out, **common)
+    out = Path(out)
     print(f"vlp eval {task}: wrote {out / 'results.json'} and {out / 'results.md'}")
     headline = {k: v for k, v in results.items() if k.startswith("mean_") or k == "status"}
     if headline:
@@ -62,4 +54,4 @@ def run_evaluator(task: str, args: argparse.Namespace) -> dict:
     return results
 
 
-__all__ = ["TASKS", "run_evaluator"]
+__all__ = ["COMMON_OPTIONS", "evaluator_options", "run_evaluator"]
