@@ -138,9 +138,10 @@ def _write(
     inputs: dict,
     quiet: bool,
 ) -> dict:
-    # The manifests record the adapter, the options and the inputs, in the order the CLI's
-    # flags come in; the output folder and the worker count are left out, as they change
-    # no byte (JSON has no tuples, hence the lists).
+    # The manifests record the adapter, the options and the inputs in the order of the CLI's
+    # flags, so that a call and the equivalent command line write the same manifest bytes.
+    # The output folder and the worker count are not recorded: the same shards may be
+    # written anywhere, by any number of processes. JSON has no tuples, hence the lists.
     options_recorded = {k: v for k, v in asdict(options).items() if k != "workers"}
     inputs_recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in inputs.items()}
     arguments = {"adapter": adapter, **options_recorded, **inputs_recorded}
