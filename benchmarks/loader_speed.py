@@ -198,7 +198,7 @@ def measure_floor(shards: Path, members: tuple[str, ...], args) -> tuple:
     """Bare loop over the same JPEG bytes with the loader's own decode call."""
     import random
 
-    from vlp.data.loader import decode_radiograph
+    from vlp.data.decode import decode_radiograph
     from vlp.data.transforms import AugmentConfig
 
     studies = []

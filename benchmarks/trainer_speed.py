@@ -67,24 +67,15 @@ def ensure_phantom_shards(work: Path, patients: int, shard_size: int = 50) -> Pa
     shards = work / "shards"
     if (shards / "train" / "manifest.json").is_file():
         return shards / "train"
-    from vlp.data.convert import main as convert_main
+    from vlp.data.convert.api import ConvertOptions, convert_mimic
     from vlp.data.phantom import PhantomConfig, generate
 
     raw = work / "phantom"
     print(f"building phantom shards: {patients} patients at 256 px into {shards}", flush=True)
     generate(raw, PhantomConfig(patients=patients, seed=0, image_size=256))
-    code = convert_main(
-        [
-            "mimic",
-            "--root", str(raw),
-            "--out", str(shards),
-            "--image-size", "256",
-            "--shard-size", str(shard_size),
-            "--quiet",
-        ]
-    )  # fmt: skip
-    if code != 0:
-        raise RuntimeError(f"converting the phantom tree {raw} failed (exit {code})")
+    workers = max(1, (os.cpu_count() or 1) - 1)  # the converter CLI's default
+    options = ConvertOptions(image_size=256, shard_size=shard_size, workers=workers)
+    convert_mimic(raw, shards, options, quiet=True)
     return shards / "train"
 
 

@@ -70,7 +70,7 @@ def _handmade_export(root) -> str:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from vlp.data.convert import main as convert_main
+    from vlp.data.convert.api import ConvertOptions, convert_mimic
     from vlp.data.phantom import PhantomConfig, generate
 
     root = tmp_path_factory.mktemp("eval_e2e")
@@ -78,21 +78,9 @@ def setup(tmp_path_factory):
         root / "phantom", PhantomConfig(patients=PATIENTS, seed=0, image_size=128), progress=False
     )
     shards = root / "shards"
-    convert_main(
-        [
-            "mimic",
-            "--root",
-            str(root / "phantom"),
-            "--out",
-            str(shards),
-            "--image-size",
-            "128",
-            "--priors",
-            "1",
-            "--shard-size",
-            "50",
-        ]
-    )
+    workers = max(1, (os.cpu_count() or 1) - 1)  # the converter CLI's default
+    options = ConvertOptions(image_size=128, priors=1, shard_size=50, workers=workers)
+    convert_mimic(root / "phantom", shards, options)
     checkpoint = _trained_export(root) if os.environ.get("VLP_E2E_HANDMADE") is None else None
     print("checkpoint:", "trained" if checkpoint else "hand-made")
     checkpoint = checkpoint or _handmade_export(root)

@@ -1,4 +1,4 @@
-"""Tests of the streaming loader (vlp.data.loader) on small shards written here.
+"""Tests of the streaming loader (vlp.data.loader and its steps) on small shards written here.
 
 The shards follow vlp.data.schema exactly; expectations come from what was written (the
 set of keys, the records, the images) or from an uninterrupted run, never from the
@@ -21,13 +21,9 @@ import torch
 from PIL import Image
 
 from vlp.data import schema
-from vlp.data.loader import (
-    LoaderConfig,
-    ShardError,
-    build_loader,
-    decode_radiograph,
-    resolve_shards,
-)
+from vlp.data.decode import decode_radiograph
+from vlp.data.loader import LoaderConfig, build_loader
+from vlp.data.shards import ShardError, resolve_shards
 from vlp.data.transforms import AugmentConfig
 
 REAL_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-cxr"

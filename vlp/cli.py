@@ -15,6 +15,12 @@ import sys
 from collections.abc import Callable
 
 EPILOG = "Docs: README.md and docs/architecture.md. VLP_DEBUG=1 shows tracebacks."
+# `vlp shards` is dispatched before argparse (see main), so the top-level help names it here.
+SHARDS_EPILOG = (
+    "Also `vlp shards {mimic,iu,csv} ...`: convert MIMIC-CXR-JPG, IU X-ray or a CSV table to "
+    "WebDataset shards (the converter of tools/make_shards.py; `vlp shards mimic --help` "
+    "lists the options of one adapter)."
+)
 
 
 class UserError(Exception):
@@ -159,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vlp",
         description="Vision-language pretraining for chest radiographs and reports: "
         "convert data to WebDataset shards, pretrain with DeepSpeed, evaluate.",
-        epilog=EPILOG,
+        epilog=f"{SHARDS_EPILOG} {EPILOG}",
     )
     parser.add_argument("--version", action="version", version=f"vlp {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -209,18 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser(
-        "shards",
-        help="convert MIMIC-CXR-JPG, IU X-ray or a CSV table to WebDataset shards",
-        description="Same as `python tools/make_shards.py`: subcommands mimic, iu, csv. "
-        "Run `vlp shards mimic --help` for the options of one adapter.",
-        epilog=EPILOG,
-        add_help=False,
-    )
-    p.add_argument(
-        "converter_args", nargs=argparse.REMAINDER, help="arguments of tools/make_shards.py"
-    )
 
     p = sub.add_parser(
         "phantom",
@@ -281,8 +275,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["shards"]:
-        # Everything after `shards` belongs to the converter's own parser (--help included),
-        # which argparse's REMAINDER would not pass on when it starts with an option.
+        # Not an argparse subcommand: everything after `shards` belongs to the converter's
+        # own parser (--help included), which argparse's REMAINDER would not pass on when it
+        # starts with an option.
         from vlp.data.convert import main as convert_main
 
         return convert_main(argv[1:])

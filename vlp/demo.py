@@ -198,7 +198,12 @@ def _check_lines(checks) -> list[str]:
 
 def _phantom_shards(out: Path, p: DemoPlan, t0: float) -> Path:
     """Stages 1–2: phantom tree and its shards under ``out`` (reused when unchanged)."""
-    from vlp.data.convert import main as convert_main
+    from vlp.data.convert.api import (
+        ConversionError,
+        ConvertOptions,
+        convert_mimic,
+        describe_summary,
+    )
     from vlp.data.phantom import PhantomConfig, generate, write_preview
 
     _stage("1/5 phantom data", t0)
@@ -218,12 +223,12 @@ def _phantom_shards(out: Path, p: DemoPlan, t0: float) -> Path:
     # 2. shards (the converter itself skips finished shards on a rerun)
     _stage("2/5 convert to WebDataset shards (tools/make_shards.py mimic)", t0)
     shards = out / "shards"
-    code = convert_main(
-        ["mimic", "--root", str(phantom_dir), "--out", str(shards), "--image-size", str(p.image_size),
-         "--priors", "1", "--shard-size", "100", "--workers", "2"]
-    )  # fmt: skip
-    if code != 0:
-        raise RuntimeError(f"conversion failed with exit code {code}")
+    options = ConvertOptions(image_size=p.image_size, priors=1, shard_size=100, workers=2)
+    try:
+        summary = convert_mimic(phantom_dir, shards, options)
+    except ConversionError as error:
+        raise RuntimeError(f"conversion failed: {error}") from error
+    print(describe_summary(summary, shards))
 
     return shards
 

@@ -1,15 +1,16 @@
-"""Streaming study loader: WebDataset shards → batch dicts, with exact mid-epoch resumption.
+"""Streaming study loader: the order of the samples, their split over ranks and workers,
+and exact mid-epoch resumption.
 
-One job: turn the shards described by :mod:`vlp.data.schema` into the batch dictionary of
-``docs/architecture.md`` ("Batch"), for any number of ranks and workers, and be able to
-continue from a saved state exactly where an uninterrupted run would have been.
+One job: drive the per-worker pipeline that turns the shards described by
+:mod:`vlp.data.schema` into the batch dictionary of ``docs/architecture.md`` ("Batch"),
+for any number of ranks and workers, and be able to continue from a saved state exactly
+where an uninterrupted run would have been. The steps themselves live in their modules.
 
 Pipeline of one DataLoader worker (all of it runs in the worker; the main process only
 bookkeeps):
 
-1. **Shards.** ``cfg.shards`` is a ``manifest.json`` (or a folder holding one, directly or
-   under ``<split>/``) or a brace pattern / URL list understood by ``webdataset.gopen``
-   (local paths, ``http(s)://``, ``pipe:``).
+1. **Shards.** :func:`vlp.data.shards.resolve_shards` expands ``cfg.shards`` (a manifest,
+   a folder or a brace pattern) into the shard list.
 2. **Split.** Non-resampled: the shard list is shuffled with a seed of ``(seed, epoch)`` that
    is the same on every rank, *then* dealt to ranks (``[rank::world]``), then to workers.
    Every sample is therefore read exactly once per epoch over all ranks × workers. When
@@ -19,16 +20,12 @@ bookkeeps):
    (rank, worker) draws shards with replacement (weighted by manifest sample counts) from
    a generator seeded by ``(seed, epoch, rank, worker)``; an epoch is ``samples_per_epoch``
    samples over all ranks, the same number of batches on every rank.
-3. **Read.** Our own tar reader groups members by key, rejects any member whose suffix is
-   not in :data:`schema.ALLOWED_SUFFIXES` (no pickle can ever be decoded), and keeps only
-   the bytes the recipe needs.
+3. **Read.** :func:`vlp.data.shards.iter_tar_samples`: only the members the recipe needs,
+   never a suffix outside :data:`schema.ALLOWED_SUFFIXES`.
 4. **Shuffle.** A sample buffer seeded by ``(seed, epoch, rank, worker)``.
-5. **Decode.** Only the members the recipe asks for: grayscale JPEG with PIL draft mode
-   (DCT-domain downscaling by 1/2, 1/4 or 1/8) when the stored image is at least twice as
-   large as needed (``draft_max_upscale`` relaxes this), crop + resize in one PIL call,
-   uint8 1×H×W tensors; a sample that fails is skipped and reported (key, shard, reason).
-6. **Batch.** Tokenise reports and sentences per batch (so the main process stays free)
-   and collate into the batch dict.
+5. **Decode.** :class:`vlp.data.decode.StudyDecoder`; a sample that fails is skipped and
+   reported (key, shard, reason).
+6. **Batch.** :func:`vlp.data.collate.collate_studies` tokenises and collates.
 
 Resumption. A worker's raw sample stream is a deterministic function of the seeds, the
 epoch, the rank and the worker, so a worker's progress is one number: how many raw
@@ -37,39 +34,30 @@ main process records it for the item it hands out, plus which worker comes next 
 DataLoader's round-robin. On restore, each worker fast-forwards its raw stream (reading
 tar members, not decoding them), and the workers are rotated so the round-robin continues
 with the right one. The state is a small dict of plain types.
-
-The shard format is WebDataset's (Aizman et al. 2019, "High performance I/O for large
-scale deep learning", IEEE Big Data); URLs are opened with ``webdataset.gopen`` but its
-decoders, node splitter and pickle handlers are not used.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
-import json
 import logging
 import math
-import posixpath
 import random
-import re
-import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from braceexpand import braceexpand
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 
-from vlp.data import schema
-from vlp.data.transforms import AugmentConfig, crop_box, min_decode_side, random_affine
+from vlp.data.collate import collate_studies
+from vlp.data.decode import SampleError, StudyDecoder
+from vlp.data.shards import Shard, ShardError, iter_tar_samples, resolve_shards
+from vlp.data.transforms import AugmentConfig
+
+if TYPE_CHECKING:
+    from vlp.data.decode import _Decoded
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +66,6 @@ STATE_FORMAT = 1
 MAX_SKIPPED_LISTED = 1000
 _VIEWS = ("frontal", "lateral")
 _SENTENCE_SAMPLING = ("first", "random")
-# ``p123-s456.prior1.frontal.jpg`` → key ``p123-s456``, suffix ``prior1.frontal.jpg``
-# (the key is everything up to the first dot of the file name, as WebDataset does).
-_MEMBER_NAME = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
-
-
-class ShardError(ValueError):
-    """A shard (or the shard list) violates the schema; training must not go on with it."""
-
-
-class SampleError(ValueError):
-    """One sample cannot be used; the loader skips it and counts it."""
 
 
 @dataclass
@@ -158,138 +135,7 @@ class LoaderConfig:
             raise ValueError("invalid loader config: " + "; ".join(problems))
 
 
-# --------------------------------------------------------------------------- shard list
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    samples: int | None  # from the manifest; None for brace patterns
-
-
-def _is_local(spec: str) -> bool:
-    return "://" not in spec and not spec.startswith("pipe:")
-
-
-def read_manifest(path: str) -> list[Shard]:
-    """Shards of a ``manifest.json``: ``{"shards": [{"name", "samples"}], "total", "schema_version"}``."""
-    try:
-        if _is_local(path):
-            manifest = json.loads(Path(path).read_text(encoding="utf-8"))
-        else:
-            with gopen(path, "rb") as stream:
-                manifest = json.loads(stream.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardError(f"{path}: cannot read manifest: {exc}") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ShardError(f"{path}: manifest must be an object with a 'shards' list")
-    version = manifest.get("schema_version")
-    if version != schema.SCHEMA_VERSION:
-        raise ShardError(
-            f"{path}: schema_version {version!r}, this loader reads {schema.SCHEMA_VERSION}"
-        )
-    base = posixpath.dirname(path) if not _is_local(path) else str(Path(path).parent)
-    shards = []
-    for i, entry in enumerate(manifest["shards"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ShardError(
-                f"{path}: shards[{i}] must be {{'name': str, 'samples': int}}, got {entry!r}"
-            )
-        samples = entry.get("samples")
-        if not isinstance(samples, int) or samples < 0:
-            raise ShardError(
-                f"{path}: shards[{i}] ({entry['name']}) has samples={samples!r}, expected int >= 0"
-            )
-        name = entry["name"]
-        url = (
-            name
-            if ("://" in name or name.startswith(("/", "pipe:")))
-            else posixpath.join(base, name)
-        )
-        shards.append(Shard(url, samples))
-    if not shards:
-        raise ShardError(f"{path}: manifest lists no shards")
-    total = manifest.get("total")
-    if total is not None and total != sum(s.samples or 0 for s in shards):
-        raise ShardError(
-            f"{path}: total={total} but the shards' samples sum to {sum(s.samples for s in shards)}"
-        )
-    return shards
-
-
-def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
-    """Expand ``cfg.shards`` into the shard list (see the module docstring for the forms)."""
-    if not spec:
-        raise ShardError("no shards given (loader.shards is empty)")
-    if _is_local(spec) and Path(spec).is_dir():
-        candidates = [Path(spec) / "manifest.json", Path(spec) / split / "manifest.json"]
-        for candidate in candidates:
-            if candidate.is_file():
-                return read_manifest(str(candidate))
-        raise ShardError(
-            f"{spec}: folder has no manifest.json (looked for {', '.join(map(str, candidates))})"
-        )
-    if spec.endswith(".json"):
-        return read_manifest(spec)
-    urls = [u for part in spec.split("::") for u in braceexpand(part)]
-    if _is_local(spec):
-        missing = [u for u in urls if not Path(u).is_file()]
-        if missing:
-            raise ShardError(f"{spec}: {len(missing)} shard(s) do not exist, first {missing[0]}")
-    return [Shard(u, None) for u in urls]
-
-
-# --------------------------------------------------------------------------- raw samples
-
-
-def iter_tar_samples(url: str, wanted: frozenset[str] | None = None) -> Iterator[dict]:
-    """Yield raw samples ``{"__key__", "__url__", suffix: bytes}`` of one tar shard.
-
-    Every member is checked against :data:`schema.ALLOWED_SUFFIXES` (the last dotted part
-    of its suffix) *before* anything is read, so a shard carrying ``.pyd``/``.pickle``
-    members is rejected with a :class:`ShardError` naming it. Members not in ``wanted``
-    are skipped without reading their bytes.
-    """
-    try:
-        stream = gopen(url, "rb")
-    except Exception as exc:  # gopen raises several types for local and remote failures
-        raise ShardError(f"{url}: cannot open shard: {exc}") from exc
-    try:
-        # Random access is much cheaper per member than tarfile's stream mode; pipes and
-        # remote streams cannot seek and use the stream mode.
-        seekable = getattr(stream, "seekable", lambda: False)()
-        with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:
-            current: dict | None = None
-            for info in tar:
-                if not info.isfile():
-                    continue
-                match = _MEMBER_NAME.match(info.name)
-                if match is None:
-                    raise ShardError(
-                        f"{url}: member {info.name!r} has no '.suffix'; expected key.suffix"
-                    )
-                key, suffix = match.groups()
-                extension = suffix.rsplit(".", 1)[-1]
-                if extension not in schema.ALLOWED_SUFFIXES:
-                    raise ShardError(
-                        f"{url}: member {info.name!r} has suffix .{extension}, which is not allowed "
-                        f"(allowed: {', '.join(schema.ALLOWED_SUFFIXES)}); refusing this shard"
-                    )
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__url__": url}
-                if suffix in current:
-                    raise ShardError(f"{url}: member {info.name!r} appears twice in sample {key!r}")
-                if wanted is None or suffix in wanted:
-                    member = tar.extractfile(info)
-                    current[suffix] = member.read() if member is not None else b""
-            if current is not None:
-                yield current
-    except tarfile.TarError as exc:
-        raise ShardError(f"{url}: not a readable tar archive: {exc}") from exc
-    finally:
-        stream.close()
+# --------------------------------------------------------------------------- worker stream
 
 
 def _seeded(*parts: object) -> random.Random:
@@ -319,242 +165,6 @@ def _buffered_shuffle(source: Iterable[dict], size: int, rng: random.Random) -> 
             yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def decode_radiograph(
-    data: bytes,
-    out_size: int,
-    augment: AugmentConfig | None = None,
-    rng: random.Random | None = None,
-    max_upscale: float = 1.0,
-) -> tuple[torch.Tensor, int]:
-    """Decode a JPEG to a uint8 1×S×S grayscale tensor; returns ``(image, draft_scale)``.
-
-    ``draft_scale`` is the JPEG DCT reduction PIL applied (1, 2, 4 or 8): the decoder is
-    asked for the smallest image whose short side still covers the crop at full detail
-    (:func:`~vlp.data.transforms.min_decode_side`), which makes decoding a large stored
-    image cheaper (the entropy decoding still reads every coefficient, so about 1.3-2x).
-    ``max_upscale`` > 1 lets the draft go that much below the needed size (the resize then
-    upsamples slightly): a speed/detail trade-off, off by default. The crop box (centred square, or a random resized crop
-    when augmenting) and the resize are one PIL call; the affine runs on the tensor.
-    """
-    augment = augment or AugmentConfig()
-    rng = rng or random.Random(0)
-    if max_upscale < 1.0:
-        raise ValueError(f"max_upscale must be >= 1, got {max_upscale}")
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
-            width = img.size[0]
-            need = math.ceil(min_decode_side(out_size, augment) / max_upscale)
-            img.draft("L", (need, need))
-            draft_scale = max(1, round(width / img.size[0]))
-            img.load()
-            gray = img if img.mode == "L" else img.convert("L")
-            box = crop_box(gray.size[0], gray.size[1], augment, rng)
-            resized = gray.resize((out_size, out_size), Image.Resampling.BILINEAR, box=box)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise SampleError(f"cannot decode JPEG: {type(exc).__name__}: {exc}") from exc
-    image = torch.from_numpy(np.array(resized, dtype=np.uint8)).unsqueeze(0)
-    if augment.affine:
-        image = random_affine(image, augment, rng)
-    return image, draft_scale
-
-
-def _study_id(record: dict, key: str) -> int:
-    for candidate in (record.get("study_id"), key.rsplit("-s", 1)[-1] if "-s" in key else None):
-        digits = re.sub(r"\D", "", str(candidate)) if candidate is not None else ""
-        if digits:
-            return int(digits)
-    raise SampleError(f"no numeric study id in json study_id={record.get('study_id')!r} or key")
-
-
-def _labels(record: dict) -> tuple[list[float], int]:
-    labels = record.get("labels") or {}
-    if not isinstance(labels, dict):
-        raise SampleError(f"json 'labels' must be an object, got {type(labels).__name__}")
-    chexpert = labels.get("chexpert") or {}
-    values = []
-    for name in schema.CHEXPERT_LABELS:
-        value = chexpert.get(name)
-        if value is None:
-            values.append(math.nan)
-        elif value in (1, 0, -1):
-            values.append(float(value))
-        else:
-            raise SampleError(f"chexpert label {name!r} = {value!r}, expected 1, 0, -1 or null")
-    severity = labels.get("edema_severity")
-    if severity is None:
-        severity = -1
-    elif severity not in (0, 1, 2, 3):
-        raise SampleError(f"edema_severity = {severity!r}, expected 0-3 or null")
-    return values, int(severity)
-
-
-@dataclass
-class _Decoded:
-    key: str
-    study_id: int
-    frontal: torch.Tensor
-    lateral: torch.Tensor | None
-    priors: list[torch.Tensor | None]
-    prior_gap_days: list[float]
-    report: str
-    sentences: list[str]
-    labels: list[float]
-    edema_severity: int
-    meta: dict
-    images: int = 0  # JPEGs decoded
-    reduced: int = 0  # of which with draft scaling
-
-
-class StudyDecoder:
-    """Raw sample (member bytes) → decoded study; raises :class:`SampleError` on bad data."""
-
-    def __init__(self, cfg: LoaderConfig):
-        self.cfg = cfg
-        self.lateral = "lateral" in cfg.views
-        members = {"json", "txt", "frontal.jpg"}
-        if self.lateral:
-            members.add("lateral.jpg")
-        members.update(f"prior{k}.frontal.jpg" for k in range(1, cfg.priors + 1))
-        self.members = frozenset(members)
-
-    def _image(self, raw: dict, member: str, rng: random.Random, out: _Decoded) -> torch.Tensor:
-        try:
-            image, scale = decode_radiograph(
-                raw[member], self.cfg.image_size, self.cfg.augment, rng, self.cfg.draft_max_upscale
-            )
-        except SampleError as exc:
-            raise SampleError(f"{member}: {exc}") from exc
-        out.images += 1
-        out.reduced += scale > 1
-        return image
-
-    def __call__(self, raw: dict, rng: random.Random) -> _Decoded:
-        key = raw["__key__"]
-        if "json" not in raw:
-            raise SampleError("missing json member")
-        try:
-            record = json.loads(raw["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SampleError(f"json member is not UTF-8 JSON: {exc}") from exc
-        if not isinstance(record, dict):
-            raise SampleError(f"json member must be an object, got {type(record).__name__}")
-        if "txt" not in raw:
-            raise SampleError("missing txt member")
-        try:
-            report = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SampleError(f"txt member is not UTF-8: {exc}") from exc
-        if "frontal.jpg" not in raw:
-            raise SampleError("missing frontal.jpg member")
-        sentences = record.get("sentences") or []
-        if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-            raise SampleError("json 'sentences' must be a list of strings")
-        sentences = [s for s in sentences if s.strip()]
-        if len(sentences) > self.cfg.max_sentences:
-            if self.cfg.sentence_sampling == "random":
-                chosen = sorted(rng.sample(range(len(sentences)), self.cfg.max_sentences))
-                sentences = [sentences[i] for i in chosen]
-            else:
-                sentences = sentences[: self.cfg.max_sentences]
-        labels, severity = _labels(record)
-        out = _Decoded(
-            key=key,
-            study_id=_study_id(record, key),
-            frontal=torch.empty(0),
-            lateral=None,
-            priors=[],
-            prior_gap_days=[],
-            report=report,
-            sentences=sentences,
-            labels=labels,
-            edema_severity=severity,
-            meta=record,
-        )
-        out.frontal = self._image(raw, "frontal.jpg", rng, out)
-        if self.lateral and "lateral.jpg" in raw:
-            out.lateral = self._image(raw, "lateral.jpg", rng, out)
-        prior_records = record.get("priors") or []
-        for k in range(1, self.cfg.priors + 1):
-            member = f"prior{k}.frontal.jpg"
-            out.priors.append(self._image(raw, member, rng, out) if member in raw else None)
-            gap = None
-            if member in raw and k <= len(prior_records) and isinstance(prior_records[k - 1], dict):
-                gap = prior_records[k - 1].get("gap_days")
-            out.prior_gap_days.append(float(gap) if isinstance(gap, (int, float)) else 0.0)
-        return out
-
-
-def _tokenize(
-    tokenizer: Callable, texts: list[str], max_length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return encoded["input_ids"].long(), encoded["attention_mask"].long()
-
-
-def _stack(images: list) -> torch.Tensor:
-    """Stack (nested lists of) uint8 tensors with numpy.
-
-    ``torch.stack`` runs an OpenMP parallel region; on a few shared cores waking its
-    threads cost up to 0.2 s per batch in the main process, numpy's copy is single-threaded.
-    """
-
-    def array(item) -> np.ndarray:
-        return np.stack([array(i) for i in item]) if isinstance(item, list) else item.numpy()
-
-    return torch.from_numpy(array(images))
-
-
-def collate_studies(
-    studies: list[_Decoded], tokenizer: Callable, cfg: LoaderConfig
-) -> dict[str, Any]:
-    """Decoded studies → the batch dict of docs/architecture.md ("Batch")."""
-    size = cfg.image_size
-    zeros = torch.from_numpy(np.zeros((1, size, size), dtype=np.uint8))  # no OpenMP, see _stack
-    batch: dict[str, Any] = {
-        "keys": [s.key for s in studies],
-        "study_id": torch.tensor([s.study_id for s in studies], dtype=torch.int64),
-        "frontal": _stack([s.frontal for s in studies]),
-    }
-    if "lateral" in cfg.views:
-        batch["lateral"] = _stack([s.lateral if s.lateral is not None else zeros for s in studies])
-        batch["lateral_mask"] = torch.tensor(
-            [s.lateral is not None for s in studies], dtype=torch.bool
-        )
-    if cfg.priors > 0:
-        batch["prior_frontal"] = _stack(
-            [[p if p is not None else zeros for p in s.priors] for s in studies]
-        )
-        batch["prior_mask"] = torch.tensor(
-            [[p is not None for p in s.priors] for s in studies], dtype=torch.bool
-        )
-        batch["prior_gap_days"] = torch.tensor(
-            [s.prior_gap_days for s in studies], dtype=torch.float32
-        )
-    ids, mask = _tokenize(tokenizer, [s.report for s in studies], cfg.max_text_length)
-    batch["report_input_ids"], batch["report_attention_mask"] = ids, mask
-    if cfg.sentences:
-        flat = [sentence for s in studies for sentence in s.sentences]
-        index = [i for i, s in enumerate(studies) for _ in s.sentences]
-        if flat:
-            ids, mask = _tokenize(tokenizer, flat, cfg.max_sentence_length)
-        else:  # no sentence in the whole batch: keep the keys, with zero rows
-            ids = mask = torch.zeros(0, 0, dtype=torch.int64)
-        batch["sentence_input_ids"], batch["sentence_attention_mask"] = ids, mask
-        batch["sentence_index"] = torch.tensor(index, dtype=torch.int64)
-    batch["labels"] = torch.tensor([s.labels for s in studies], dtype=torch.float32)
-    batch["edema_severity"] = torch.tensor([s.edema_severity for s in studies], dtype=torch.int64)
-    batch["meta"] = [s.meta for s in studies]
-    return batch
-
-
-# --------------------------------------------------------------------------- worker stream
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 A recipe that names no training shards trains on the phantom dataset. The phantom tree is
 generated with ``vlp.data.phantom.generate`` and converted with the same converter users
-run on MIMIC-CXR-JPG (``tools/make_shards.py mimic``), into a cache folder keyed by
-everything that determines its bytes. The first process to take the lock builds it; the
-others (other ranks, later runs) wait and reuse it. ``VLP_CACHE`` moves the cache
-(default ``~/.cache/vlp``); on a cluster, point it at a shared file system.
+run on MIMIC-CXR-JPG (``vlp.data.convert.api.convert_mimic``, what ``tools/make_shards.py
+mimic`` runs), into a cache folder keyed by everything that determines its bytes. The
+first process to take the lock builds it; the others (other ranks, later runs) wait and
+reuse it. ``VLP_CACHE`` moves the cache (default ``~/.cache/vlp``); on a cluster, point it
+at a shared file system.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def phantom_shards(phantom_cfg, priors: int = 1, root: Path | None = None, log=p
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / READY).is_file():
             return folder
-        from vlp.data.convert import main as convert_main
+        from vlp.data.convert.api import (
+            ConversionError,
+            ConvertOptions,
+            convert_mimic,
+            describe_summary,
+        )
         from vlp.data.phantom import generate
 
         log(
@@ -64,17 +70,17 @@ def phantom_shards(phantom_cfg, priors: int = 1, root: Path | None = None, log=p
         if folder.exists():
             shutil.rmtree(folder)
         generate(raw, phantom_cfg)
-        args = [
-            "mimic",
-            "--root", str(raw),
-            "--out", str(folder / "shards"),
-            "--image-size", str(phantom_cfg.image_size),
-            "--priors", str(priors),
-            "--workers", str(max(1, phantom_cfg.workers)),
-        ]  # fmt: skip
-        code = convert_main(args)
-        if code != 0:
-            raise RuntimeError(f"converting the phantom dataset in {raw} failed (exit {code})")
+        shards = folder / "shards"
+        options = ConvertOptions(
+            image_size=phantom_cfg.image_size, priors=priors, workers=max(1, phantom_cfg.workers)
+        )
+        try:
+            summary = convert_mimic(raw, shards, options)
+        except ConversionError as error:
+            raise RuntimeError(
+                f"converting the phantom dataset in {raw} failed: {error}"
+            ) from error
+        print(describe_summary(summary, shards))
         (folder / READY).write_text("ok\n")
     return folder
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlp.data.loader import LoaderConfig, build_loader, resolve_shards
+from vlp.data.loader import LoaderConfig, build_loader
+from vlp.data.shards import resolve_shards
 
 #: Bumped when the cached arrays change meaning.
 CACHE_FORMAT = 1

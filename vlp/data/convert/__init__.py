@@ -1,9 +1,12 @@
 """Dataset adapters → study records → deterministic, resumable WebDataset shards.
 
-``main(argv)`` is the command line (``tools/make_shards.py``, ``vlp shards``);
-:func:`vlp.data.convert.pipeline.convert` is the library entry point, fed by
+The library API is :mod:`vlp.data.convert.api` (``convert_mimic``, ``convert_iu``,
+``convert_table``: a dataset's files → shards, with the options of
+:class:`vlp.data.convert.pipeline.ConvertOptions`). ``main(argv)`` is the command line
+(``tools/make_shards.py``, ``vlp shards``), a thin wrapper over it. Below the API,
+:func:`vlp.data.convert.pipeline.convert` writes the shards of the study records that
 :func:`vlp.data.convert.mimic.read_mimic`, :func:`vlp.data.convert.iu.read_iu` or
-:func:`vlp.data.convert.table.read_table_adapter`.
+:func:`vlp.data.convert.table.read_table_adapter` read.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Command line of the shard converter: ``tools/make_shards.py`` and ``vlp shards``.
 
-Subcommands ``mimic``, ``iu`` and ``csv`` select an adapter; the shared options
-(``--image-size --quality --priors --shard-size --workers --max-error-rate --seed
---limit``) go to :class:`vlp.data.convert.pipeline.ConvertOptions`.
+A thin wrapper over :mod:`vlp.data.convert.api`: subcommands ``mimic``, ``iu`` and
+``csv`` select :func:`~vlp.data.convert.api.convert_mimic`, ``convert_iu`` or
+``convert_table``; the shared options (``--image-size --quality --priors --shard-size
+--workers --max-error-rate --seed --limit``) go to
+:class:`vlp.data.convert.pipeline.ConvertOptions`. The CLI configures logging and turns a
+:class:`~vlp.data.convert.records.ConversionError` into one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import fields
 
 from vlp.data.convert.records import ConversionError
 
@@ -88,61 +92,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Read with the chosen adapter and convert; returns the run summary."""
-    from vlp.data.convert.pipeline import ConvertOptions, convert
+    """Convert with the adapter the arguments name; returns the run summary."""
+    from vlp.data.convert import api
+    from vlp.data.convert.pipeline import ConvertOptions
 
-    progress = not args.quiet
-    options = ConvertOptions(
-        image_size=args.image_size,
-        quality=args.quality,
-        priors=args.priors,
-        shard_size=args.shard_size,
-        workers=args.workers,
-        max_error_rate=args.max_error_rate,
-        seed=args.seed,
-        limit=args.limit,
-    )
-    options.validate()
+    # The shared flags are named after the options' fields.
+    options = ConvertOptions(**{f.name: getattr(args, f.name) for f in fields(ConvertOptions)})
     if args.adapter == "mimic":
-        from vlp.data.convert.mimic import read_mimic
-
-        output = read_mimic(
+        return api.convert_mimic(
             args.root,
-            args.reports,
-            args.chexpert,
-            args.edema,
-            args.boxes,
-            args.progression,
-            limit=args.limit,
-            progress=progress,
+            args.out,
+            options,
+            reports=args.reports,
+            chexpert=args.chexpert,
+            edema=args.edema,
+            boxes=args.boxes,
+            progression=args.progression,
+            quiet=args.quiet,
         )
-    elif args.adapter == "iu":
-        from vlp.data.convert.iu import read_iu
-
-        output = read_iu(
+    if args.adapter == "iu":
+        return api.convert_iu(
             args.reports,
             args.images,
-            args.projections,
-            args.split_fractions,
-            seed=args.seed,
-            limit=args.limit,
-            progress=progress,
+            args.out,
+            options,
+            projections=args.projections,
+            split_fractions=args.split_fractions,
+            quiet=args.quiet,
         )
-    else:
-        from vlp.data.convert.table import read_table_adapter
-
-        output = read_table_adapter(
-            args.table,
-            args.image_root,
-            args.split_fractions,
-            seed=args.seed,
-            limit=args.limit,
-            progress=progress,
-        )
-    # Recorded in the manifest; the output folder and the worker count change nothing.
-    arguments = {k: v for k, v in vars(args).items() if k not in ("out", "workers", "quiet")}
-    arguments = {k: list(v) if isinstance(v, tuple) else v for k, v in arguments.items()}
-    return convert(output, args.out, options, arguments=arguments, progress=progress)
+    return api.convert_table(
+        args.table,
+        args.out,
+        options,
+        image_root=args.image_root,
+        split_fractions=args.split_fractions,
+        quiet=args.quiet,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as error:
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 1
-    written = ", ".join(f"{split} {info['samples']}" for split, info in summary["splits"].items())
-    print(
-        f"wrote {written} samples to {args.out}; {summary['errors']} bad inputs "
-        f"({summary['error_rate']:.2%} of {summary['studies_seen']} studies); "
-        f"skipped studies: {summary['skipped_studies'] or 'none'}"
-    )
+    from vlp.data.convert.api import describe_summary
+
+    print(describe_summary(summary, args.out))
     return 0
