@@ -41,9 +41,12 @@ def _stack(images: list) -> torch.Tensor:
 
 
 def collate_studies(
-    studies: list[_Decoded], tokenizer: Callable, cfg: LoaderConfig
+    studies: list[_Decoded], tokenizer: Callable | None, cfg: LoaderConfig
 ) -> dict[str, Any]:
-    """Decoded studies → the batch dict of docs/architecture.md ("Batch")."""
+    """Decoded studies → the batch dict of docs/architecture.md ("Batch").
+
+    Without a tokenizer (a model with no text encoder) the batch has no token ids; the
+    report text stays in ``meta``."""
     size = cfg.image_size
     zeros = torch.from_numpy(np.zeros((1, size, size), dtype=np.uint8))  # no OpenMP, see _stack
     batch: dict[str, Any] = {
@@ -66,6 +69,16 @@ def collate_studies(
         batch["prior_gap_days"] = torch.tensor(
             [s.prior_gap_days for s in studies], dtype=torch.float32
         )
+    if tokenizer is not None:
+        _add_text(batch, studies, tokenizer, cfg)
+    batch["labels"] = torch.tensor([s.labels for s in studies], dtype=torch.float32)
+    batch["edema_severity"] = torch.tensor([s.edema_severity for s in studies], dtype=torch.int64)
+    batch["meta"] = [s.meta for s in studies]
+    return batch
+
+
+def _add_text(batch: dict, studies: list[_Decoded], tokenizer: Callable, cfg) -> None:
+    """Token ids of the reports and, with ``cfg.sentences``, of all sentences (flat)."""
     ids, mask = _tokenize(tokenizer, [s.report for s in studies], cfg.max_text_length)
     batch["report_input_ids"], batch["report_attention_mask"] = ids, mask
     if cfg.sentences:
@@ -77,7 +90,3 @@ def collate_studies(
             ids = mask = torch.zeros(0, 0, dtype=torch.int64)
         batch["sentence_input_ids"], batch["sentence_attention_mask"] = ids, mask
         batch["sentence_index"] = torch.tensor(index, dtype=torch.int64)
-    batch["labels"] = torch.tensor([s.labels for s in studies], dtype=torch.float32)
-    batch["edema_severity"] = torch.tensor([s.edema_severity for s in studies], dtype=torch.int64)
-    batch["meta"] = [s.meta for s in studies]
-    return batch

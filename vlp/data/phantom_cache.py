@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -90,7 +91,7 @@ def resolve_train_shards(cfg, rank: int = 0, log=None):
     data = cfg.data
     if data.shards:
         return data
-    from vlp.training.monitor import LOG
+    LOG = logging.getLogger("vlp")  # the trainer's logger (data must not import training)
 
     folder = phantom_shards(data.phantom, priors=data.priors, log=log or LOG.info)
     if rank == 0:
