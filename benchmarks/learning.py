@@ -42,7 +42,7 @@ GLOBAL = "{name: global_mi, weight: 1.0, estimator: %s}"
 ARMS = {
     "clip": [
         "objectives=[{name: clip, weight: 1.0}]",
-        "model.global_from=mean_local",
+        "model.global_head=mean_local",
         "model.local_dim=768",
     ],
     "global_mi_cpc": [f"objectives=[{GLOBAL % 'cpc'}]"],

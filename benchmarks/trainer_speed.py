@@ -1,6 +1,6 @@
 """Trainer overhead: ``vlp pretrain`` steps/s against a bare PyTorch loop on the same work.
 
-Both sides train the same model (``vlp.models.build_model`` of the recipe), the same
+Both sides train the same module (``vlp.training.module.build_pretraining_module`` of the recipe), the same
 objective, the same torch AdamW with the same parameter groups and schedule
 (``vlp.training.optim``) and the same gradient clipping (the recipe's
 ``deepspeed.gradient_clipping``), on the same batches: ``--batches`` batches drawn once
@@ -25,8 +25,9 @@ timed inside the generator. Adjacent steps see the same load, so the per-step ra
 times and the CPU-time ratio. ``--also-stage0`` repeats the run with
 ``deepspeed.zero_stage=0`` (ZeRO partitions nothing on one rank).
 
-Default model: the clip recipe shrunk for a laptop (``model.image.name=resnet18``,
-``data.image_size=128``, ``model.text.name=tiny``, batch 16). Run::
+Default model: the clip recipe shrunk for a laptop (``model.encoders.image.tower.name=
+resnet18``, ``data.image_size=128``, ``model.encoders.text.tower.name=tiny``, batch 16).
+Run::
 
     python benchmarks/trainer_speed.py            # 1-2 minutes on two idle cores
 
@@ -51,10 +52,9 @@ DEFAULT_WORK = Path(tempfile.gettempdir()) / "vlp_trainer_bench"
 
 #: The benchmark model: the clip recipe with towers small enough for two CPU cores.
 SMALL_CLIP = [
-    "model.image.name=resnet18",
-    "model.image.image_size=128",
+    "model.encoders.image.tower.name=resnet18",
     "data.image_size=128",
-    "model.text.name=tiny",
+    "model.encoders.text.tower.name=tiny",
     "data.batch_size=16",
 ]
 
@@ -103,12 +103,14 @@ class BareLoop:
     def __init__(self, cfg):
         import torch
 
-        from vlp.models import build_model, model_param_groups
         from vlp.training import optim
+        from vlp.training.module import build_pretraining_module, param_groups_of
 
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model, cfg.objectives).train()
-        groups = optim.param_groups(model_param_groups(self.model), cfg.optim)
+        self.model = build_pretraining_module(
+            cfg.model, cfg.objectives, cfg.data.image_size
+        ).train()
+        groups = optim.param_groups(param_groups_of(self.model), cfg.optim)
         self.optimizer = optim.build_optimizer(groups, cfg.optim)
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.params = [p for g in groups for p in g["params"]]
@@ -205,6 +207,7 @@ def main() -> None:
 
     from vlp.config import load_recipe
     from vlp.models.text import build_text_tower
+    from vlp.registry import config_of
 
     work = Path(args.work)
     train = ensure_phantom_shards(work, args.patients)
@@ -224,7 +227,8 @@ def main() -> None:
             args.recipe, overrides + args.set + ["deepspeed.zero_stage=0"]
         )
     cfg = variants["vlp"]
-    tokenizer = build_text_tower(cfg.model.text).tokenizer
+    text = config_of("encoder", "text", cfg.model.encoders["text"], "model.encoders.text")
+    tokenizer = build_text_tower(text.tower).tokenizer
     batches = draw_batches(cfg, tokenizer, args.batches)
     tokens = statistics.mean(b["report_input_ids"].shape[1] for b in batches)
     print(
