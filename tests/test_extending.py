@@ -42,6 +42,8 @@ imports: [tests.plugins.toy_objective]
 data: {{workers: 0, batch_size: 4}}
 model:
   encoders: {{text: null}}
+optim:
+  group_lr: {{text: null}}   # the extended recipe's text rate: no text encoder here
 objectives: [{{name: toy_image_only}}]
 train: {{steps: 3, log_every: 1}}
 checkpoint: {{every: 3}}
@@ -153,6 +155,15 @@ def test_two_image_sizes_fail_at_load(tmp_path):
     # The old second size key no longer exists: one image size per recipe.
     message = _fails(tmp_path, "model: {encoders: {image: {tower: {image_size: 64}}}}\n")
     assert message.startswith("model.encoders.image.tower.image_size: unknown key")
+
+
+def test_group_lr_must_name_a_parameter_group(tmp_path):
+    message = _fails(
+        tmp_path,
+        "model: {encoders: {text: null}}\nobjectives: [{name: toy_image_only}]\n"
+        "imports: [tests.plugins.toy_objective]\n",
+    )
+    assert message.startswith("optim.group_lr.text: unknown parameter group; expected one of")
 
 
 def test_unknown_encoder_kind_and_import_fail_at_load(tmp_path):

@@ -76,8 +76,8 @@ def check_recipe(cfg, source: str | None) -> None:
             key, message = problems[0]
             raise ConfigError(source, key, message)
     groups = {*encoder_specs(cfg.model.encoders), "heads", "objectives"}
-    for name in cfg.optim.group_lr:
-        if name not in groups:
+    for name, lr in cfg.optim.group_lr.items():
+        if lr is not None and name not in groups:
             raise ConfigError(
                 source,
                 f"optim.group_lr.{name}",

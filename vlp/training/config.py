@@ -14,14 +14,16 @@ from typing import Literal
 class OptimConfig:
     """AdamW with per-tower learning rates and a warmup + cosine schedule.
 
-    ``lr`` applies to every parameter group not named in ``group_lr``; a tower name in
-    ``group_lr`` (image, text, heads, objectives) gets its own rate, e.g. the lower rate
+    ``lr`` applies to every parameter group not named in ``group_lr``; a group named in
+    ``group_lr`` (an encoder by name, ``heads``, ``objectives``) gets its own rate, and
+    ``null`` removes an inherited entry (a recipe that drops the text encoder of the one
+    it extends writes ``group_lr: {text: null}``), e.g. the lower rate
     Liao et al. (2021) and Chauhan et al. (2020) use for BERT (2e-5). Norms, biases and
     the logit scale never get weight decay.
     """
 
     lr: float = 5.0e-4
-    group_lr: dict[str, float] = field(default_factory=dict)
+    group_lr: dict[str, float | None] = field(default_factory=dict)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1.0e-8
@@ -33,6 +35,8 @@ class OptimConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         for name, lr in self.group_lr.items():
+            if lr is None:
+                continue
             # Group names (the recipe's encoders, heads, objectives) are checked with the
             # whole recipe (vlp.config.components).
             if lr < 0:

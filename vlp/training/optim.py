@@ -26,7 +26,8 @@ def param_groups(model_groups: list[dict], cfg: OptimConfig) -> list[dict]:
     """
     groups = []
     for bucket in model_groups:
-        lr = cfg.group_lr.get(bucket["group"], cfg.lr)
+        lr = cfg.group_lr.get(bucket["group"])
+        lr = cfg.lr if lr is None else lr
         if lr == 0:
             for param in bucket["params"]:
                 param.requires_grad_(False)
