@@ -173,3 +173,23 @@ def test_unknown_encoder_kind_and_import_fail_at_load(tmp_path):
     )
     message = _fails(tmp_path, "imports: [no_such_module_xyz]\n")
     assert message.startswith("imports[0]: cannot import 'no_such_module_xyz'")
+
+
+def test_the_loader_decodes_only_what_the_components_read(tmp_path):
+    from vlp.config.components import requirements_of
+    from vlp.data.requirements import narrowed
+
+    def decoded(cfg):
+        data = narrowed(cfg.data, requirements_of(cfg))
+        return data.views, data.priors, data.reports, data.sentences
+
+    # local MI reads sentences only; CLIP reads reports only.
+    assert decoded(load_recipe(ROOT / "recipes" / "local_mi.yaml")) == (["frontal"], 0, False, True)
+    assert decoded(load_recipe(ROOT / "recipes" / "clip.yaml")) == (["frontal"], 0, True, False)
+    # A lateral view and priors in the data section that no component reads are not decoded.
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(f"extends: {DEBUG}\ndata: {{views: [frontal, lateral], priors: 2}}\n")
+    assert decoded(load_recipe(extra)) == (["frontal"], 0, False, True)
+    toy = tmp_path / "toy.yaml"
+    toy.write_text(TOY)
+    assert decoded(load_recipe(toy)) == (["frontal", "lateral"], 1, True, False)

@@ -78,9 +78,11 @@ def collate_studies(
 
 
 def _add_text(batch: dict, studies: list[_Decoded], tokenizer: Callable, cfg) -> None:
-    """Token ids of the reports and, with ``cfg.sentences``, of all sentences (flat)."""
-    ids, mask = _tokenize(tokenizer, [s.report for s in studies], cfg.max_text_length)
-    batch["report_input_ids"], batch["report_attention_mask"] = ids, mask
+    """Token ids of the reports (with ``cfg.reports``) and of all sentences, flat (with
+    ``cfg.sentences``)."""
+    if cfg.reports:
+        ids, mask = _tokenize(tokenizer, [s.report for s in studies], cfg.max_text_length)
+        batch["report_input_ids"], batch["report_attention_mask"] = ids, mask
     if cfg.sentences:
         flat = [sentence for s in studies for sentence in s.sentences]
         index = [i for i, s in enumerate(studies) for _ in s.sentences]

@@ -79,6 +79,9 @@ class LoaderConfig:
     views: list[str] = field(default_factory=lambda: ["frontal"])
     priors: int = 0  # K: decode prior1..priorK frontal views
     sentences: bool = True  # tokenise the json ``sentences`` individually
+    #: tokenise the report; the trainer turns it off when no objective reads reports
+    #: (:func:`vlp.data.requirements.narrowed`).
+    reports: bool = True
     max_sentences: int = 16  # per sample
     sentence_sampling: str = "first"  # which sentences beyond the cap: "first" or "random"
     max_text_length: int = 256

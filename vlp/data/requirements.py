@@ -9,6 +9,7 @@ dotted key to change, not with a KeyError at step 1.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 #: batch fields beyond images and text that a component may need.
@@ -76,3 +77,16 @@ def unmet(need: Requirements, data, who: str) -> list[tuple[str, str]]:
     if unknown:
         problems.append(("data", f"{who} needs unknown batch field(s) {unknown}"))
     return problems
+
+
+def narrowed(data, need: Requirements):
+    """``data`` (a ``LoaderConfig``) decoding only what ``need`` asks for: the views in
+    ``need`` (the frontal always), ``need.priors`` priors, reports and sentences only when
+    some component reads them. ``need`` must be met (:func:`unmet` empty)."""
+    return dataclasses.replace(
+        data,
+        views=[v for v in data.views if v == "frontal" or v in need.views],
+        priors=min(data.priors, need.priors),
+        sentences=data.sentences and "sentence" in need.text,
+        reports="report" in need.text,
+    )

@@ -126,10 +126,13 @@ def tower_grad_checkpointing(tower: nn.Module, enable: bool, what: str) -> None:
     if hasattr(inner, "set_grad_checkpointing"):  # timm
         inner.set_grad_checkpointing(enable)
     elif hasattr(inner, "gradient_checkpointing_enable"):  # transformers
-        if enable:
-            inner.gradient_checkpointing_enable()
-        else:
-            inner.gradient_checkpointing_disable()
+        # transformers >= 5 names it activation_checkpointing_* (the old name warns).
+        prefix = (
+            "activation_checkpointing"
+            if hasattr(inner, "activation_checkpointing_enable")
+            else "gradient_checkpointing"
+        )
+        getattr(inner, f"{prefix}_{'enable' if enable else 'disable'}")()
     else:
         raise ValueError(
             f"{what}: {type(inner).__name__} has no activation checkpointing; set "

@@ -217,10 +217,20 @@ def pretrain(
         for _ in range(start_step * cfg.deepspeed.gradient_accumulation_steps):
             next(batches)
     else:
+        from vlp.config.components import requirements_of
         from vlp.data.loader import build_loader
         from vlp.data.phantom_cache import resolve_train_shards
+        from vlp.data.requirements import narrowed
 
-        loader_cfg = resolve_train_shards(cfg, rank=rank)
+        # Decode only what the encoders and objectives read (views, priors, text kinds).
+        loader_cfg = narrowed(resolve_train_shards(cfg, rank=rank), requirements_of(cfg))
+        LOG.info(
+            "loader decodes views %s, %d prior(s), reports %s, sentences %s",
+            loader_cfg.views,
+            loader_cfg.priors,
+            loader_cfg.reports,
+            loader_cfg.sentences,
+        )
         loader = build_loader(
             loader_cfg, tokenizer, rank=rank, world_size=world, split="train", state=loader_state
         )
