@@ -26,8 +26,8 @@ from sklearn.preprocessing import StandardScaler
 
 from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
-from vlp.evaluation.features import extract_features
-from vlp.evaluation.linear_probe import C_GRID, resolve_split
+from vlp.evaluation.features import cache_folder, extract_features, resolve_split
+from vlp.evaluation.linear_probe import C_GRID
 from vlp.evaluation.report import Table, write_results
 
 CLASSES = (0, 1, 2, 3)
@@ -128,7 +128,7 @@ def evaluate(
     out = Path(out)
     train_data = resolve_split(data, train_data, "train", required=True)
     val_data = resolve_split(data, val_data, "validate", required=False)
-    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    cache = cache_folder(out, cache_dir)
     feats = {
         name: extract_features(
             model, path, batch_size=batch_size, cache_dir=cache, desc=f"edema features: {name}"

@@ -7,10 +7,12 @@ folder the caller names, keyed by a fingerprint of the model's weights and of th
 (the manifest's bytes, or the shard files' names, sizes and modification times for brace
 patterns), so a second evaluator on the same checkpoint and split reads them back.
 
-Also here, shared by the evaluators: locating the sibling splits of a split
-(``.../test`` → ``.../train``, ``.../validate``), building the evaluation loader for a
-model, a randomly re-initialised copy of a model, and access to a model's image–text
-scorer (:func:`scorer_of`).
+Also here, the prologue every evaluator shares: locating the sibling splits of a split
+(``.../test`` → ``.../train``, ``.../validate``: :func:`resolve_split`), the feature cache
+folder (:func:`cache_folder`), the evaluation loader that decodes what the model's
+encoders read (:func:`eval_loader`), the primary image encoder's features of a batch
+(:func:`image_features`), a randomly re-initialised copy of a model, and the model's
+image–text scorer (:func:`scorer_of`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,25 @@ def sibling_split(data: str | os.PathLike, split: str) -> str | None:
     if candidate.resolve() == manifest.parent.resolve():
         return None
     return str(candidate) if (candidate / "manifest.json").is_file() else None
+
+
+def resolve_split(data, given, split: str, required: bool) -> str | None:
+    """``given`` if a path, the sibling ``split`` of ``data`` if ``"auto"``."""
+    if given not in (None, "auto"):
+        return str(given)
+    found = sibling_split(data, split) if given == "auto" else None
+    if found is None and required:
+        raise FileNotFoundError(
+            f"no {split} split for {data}: pass it explicitly (--train-data) or keep the "
+            f"converter's layout (sibling {split}/manifest.json)"
+        )
+    return found
+
+
+def cache_folder(out: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Path:
+    """Where an evaluator caches features: ``cache_dir``, else ``out/cache``. Evaluators
+    that share a folder extract the features of one checkpoint and split once."""
+    return Path(cache_dir) if cache_dir is not None else Path(out) / "cache"
 
 
 def data_fingerprint(data: str | os.PathLike) -> str:

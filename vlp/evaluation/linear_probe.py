@@ -36,6 +36,7 @@ from vlp.data.schema import CHEXPERT_LABELS
 from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
 from vlp.evaluation.features import (
+    cache_folder,
     eval_loader,
     extract_features,
     image_features,
@@ -43,7 +44,7 @@ from vlp.evaluation.features import (
     model_of,
     progress,
     random_init_copy,
-    sibling_split,
+    resolve_split,
 )
 from vlp.evaluation.report import Table, write_results
 
@@ -53,19 +54,6 @@ C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 def fraction_name(fraction: float) -> str:
     return f"{fraction * 100:g}%"
-
-
-def resolve_split(data, given, split: str, required: bool) -> str | None:
-    """``given`` if a path, the sibling ``split`` of ``data`` if ``"auto"``."""
-    if given not in (None, "auto"):
-        return str(given)
-    found = sibling_split(data, split) if given == "auto" else None
-    if found is None and required:
-        raise FileNotFoundError(
-            f"no {split} split for {data}: pass it explicitly (--train-data) or keep the "
-            f"converter's layout (sibling {split}/manifest.json)"
-        )
-    return found
 
 
 def subsample(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -209,7 +197,7 @@ def evaluate(
     out = Path(out)
     train_data = resolve_split(data, train_data, "train", required=True)
     val_data = resolve_split(data, val_data, "validate", required=False)
-    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    cache = cache_folder(out, cache_dir)
     encoders = {"pretrained": model}
     if random_init:
         encoders["random_init"] = random_init_copy(model, seed)

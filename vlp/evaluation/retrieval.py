@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from vlp.evaluation import metrics
 from vlp.evaluation.features import (
+    cache_folder,
     eval_loader,
     extract_features,
     image_features,
@@ -109,7 +110,7 @@ def evaluate(
             data,
             batch_size=batch_size,
             reports=True,
-            cache_dir=Path(cache_dir) if cache_dir is not None else out / "cache",
+            cache_dir=cache_folder(out, cache_dir),
             desc="retrieval features",
         )
         reports = torch.from_numpy(feats.report).to(device)

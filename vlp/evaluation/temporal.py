@@ -27,7 +27,7 @@ from sklearn.svm import LinearSVC
 
 from vlp.data.schema import PROGRESSION_CLASSES, PROGRESSION_FINDINGS
 from vlp.evaluation import metrics
-from vlp.evaluation.features import extract_features
+from vlp.evaluation.features import cache_folder, extract_features
 from vlp.evaluation.report import Table, write_results
 
 
@@ -85,7 +85,7 @@ def evaluate(
         data,
         batch_size=batch_size,
         priors=True,
-        cache_dir=Path(cache_dir) if cache_dir is not None else out / "cache",
+        cache_dir=cache_folder(out, cache_dir),
         desc="temporal features",
     )
     if not feats.prior_mask.any():
