@@ -113,3 +113,18 @@ def test_extends_and_set_are_typed(tmp_path):
         ConfigError, match=r"--set train\.steps=1\.5\): train\.steps: expected int, got 1\.5"
     ):
         load_recipe(ROOT / "recipes" / "debug.yaml", ["train.steps=1.5"])
+
+
+def test_readme_recipe_snippets_load(tmp_path):
+    """Every ``<!-- recipe-snippet -->`` YAML block of the README is a valid recipe on top
+    of ``recipes/local_mi.yaml`` (the loader's cross-section checks included)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"<!-- recipe-snippet -->\n```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"snippet{i}.yaml"
+        path.write_text(f"extends: {ROOT / 'recipes' / 'local_mi.yaml'}\n{block}")
+        cfg = load_recipe(path)
+        assert cfg.model.encoders, block
