@@ -17,7 +17,8 @@ _SPEC_KEYS = ("name", "weight")
 
 
 def _objective_specs(raw, source: str | None) -> list:
-    """Flat YAML objective entries → ObjectiveSpec with params validated by the registry."""
+    """Flat YAML objective entries → ObjectiveSpec fields. The names are checked here; the
+    parameters against the registered config in ``vlp.config.components.check_recipe``."""
     from vlp import registry
 
     if not isinstance(raw, list):
@@ -33,13 +34,11 @@ def _objective_specs(raw, source: str | None) -> list:
             raise ConfigError(source, f"{path}.name", "missing required key (expected str)")
         name = entry["name"]
         try:
-            registered = registry.get("objective", name)
+            registry.get("objective", name)
         except KeyError as err:
             raise ConfigError(source, f"{path}.name", str(err.args[0])) from None
         params = {k: v for k, v in entry.items() if k not in _SPEC_KEYS and k != "params"}
         params.update(entry.get("params") or {})
-        if registered.config is not None:
-            from_dict(registered.config, params, source=source, path=path)  # validation only
         specs.append({"name": name, "weight": entry.get("weight", 1.0), "params": params})
     return specs
 

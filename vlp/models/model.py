@@ -96,7 +96,6 @@ class VLPModel(nn.Module):
         if len(texts) > 1:
             raise ValueError(f"model.encoders: at most one text encoder, got {texts}")
         self.text_encoder = texts[0] if texts else None
-        global_dims = []
         for name in self.image_encoders:
             encoder = encoders[name]
             global_key, local_key, _, _ = image_feature_keys(name)
@@ -114,7 +113,6 @@ class VLPModel(nn.Module):
                 cfg.projection,
                 "model.projection",
             )
-            global_dims.append(self.heads[global_key].out_dim)
         sentence_out = None
         if self.text_encoder is not None:
             width = encoders[self.text_encoder].hidden_size
@@ -128,15 +126,15 @@ class VLPModel(nn.Module):
             sentence_out = (
                 self.heads["sentence"] if "sentence" in self.heads else self.heads["report"]
             ).out_dim
-        embed = global_dims[0] if global_dims else cfg.embed_dim
+        # Objectives size their modules from the primary (first) image encoder's widths.
+        first = image_feature_keys(self.image_encoders[0]) if self.image_encoders else None
+        embed = self.heads[first[0]].out_dim if first else cfg.embed_dim
         self.dims = FeatureDims(
             embed_dim=embed,
-            local_dim=self.heads[image_feature_keys(self.image_encoders[0])[1]].out_dim
-            if self.image_encoders
-            else cfg.local_dim,
+            local_dim=self.heads[first[1]].out_dim if first else cfg.local_dim,
             sentence_dim=sentence_out,
         )
-        if "report" in self.heads and self.heads["report"].out_dim != embed and global_dims:
+        if first and "report" in self.heads and self.heads["report"].out_dim != embed:
             raise ValueError(
                 f"image_global ({embed}) and report ({self.heads['report'].out_dim}) "
                 "embeddings must have the same width; with identity heads the towers' widths "

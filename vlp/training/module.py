@@ -26,15 +26,16 @@ class PretrainingModule(nn.Module):
         self.model = model
         self.objectives = nn.ModuleDict(objectives)
         self.objective_weights = {name: float(weights[name]) for name in objectives}
-
-    def required_features(self) -> set[str]:
-        return set().union(*(o.required_features for o in self.objectives.values()))
+        # A function of the objectives' configs: computed once, not every step.
+        self.needed_features = frozenset().union(
+            *(o.required_features for o in self.objectives.values())
+        )
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of all objectives' losses, and detached scalars to log."""
         if not len(self.objectives):
             raise RuntimeError("the training module needs at least one objective")
-        features = self.model.encode(batch, self.required_features())
+        features = self.model.encode(batch, self.needed_features)
         total = None
         logs: dict[str, torch.Tensor] = {}
         for name, objective in self.objectives.items():
