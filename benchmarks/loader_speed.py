@@ -187,6 +187,7 @@ def measure_vlp(
         image_size=args.image_size,
         views=views,
         priors=priors,
+        prior_views=["frontal"],  # the 3-view arm: frontal, lateral, one prior frontal
         augment=AugmentConfig(enabled=True, crop_scale=(0.9, 1.0)),  # open_clip's train crop
         draft_max_upscale=max_upscale,
     )

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlp import distributed
+from vlp.data.batch import batch_from_images
 from vlp.models.heads import HeadConfig
 from vlp.models.model import FeatureDims, ModelConfig
 from vlp.objectives.base import ObjectiveSpec, build_objective
@@ -133,28 +134,28 @@ def _full_batch(tokenizer):
     flat = [WORDS[ord(s) % len(WORDS)] + " " + s for group in SENTENCES for s in group]
     r = tokenizer(reports, padding=True, return_tensors="pt")
     s = tokenizer(flat, padding=True, return_tensors="pt")
-    return {
-        "frontal": torch.randint(
-            0, 256, (len(SENTENCES), 1, 64, 64), generator=g, dtype=torch.uint8
-        ),
-        "study_id": torch.tensor(STUDIES),
-        "report_input_ids": r["input_ids"],
-        "report_attention_mask": r["attention_mask"],
-        "sentence_input_ids": s["input_ids"],
-        "sentence_attention_mask": s["attention_mask"],
-        "sentence_index": torch.tensor([i for i, grp in enumerate(SENTENCES) for _ in grp]),
-    }
+    frontal = torch.randint(0, 256, (len(SENTENCES), 1, 64, 64), generator=g, dtype=torch.uint8)
+    return batch_from_images(
+        {"frontal": frontal},
+        study_id=torch.tensor(STUDIES),
+        report_input_ids=r["input_ids"],
+        report_attention_mask=r["attention_mask"],
+        sentence_input_ids=s["input_ids"],
+        sentence_attention_mask=s["attention_mask"],
+        sentence_index=torch.tensor([i for i, grp in enumerate(SENTENCES) for _ in grp]),
+    )
 
 
 def _shard(batch, rank, world):
     """Rows of one rank, with its sentences re-indexed to the rank's rows."""
-    per = batch["frontal"].shape[0] // world
+    per = batch["study_id"].shape[0] // world
     lo, hi = rank * per, (rank + 1) * per
     keep = (batch["sentence_index"] >= lo) & (batch["sentence_index"] < hi)
-    out = {
-        k: batch[k][lo:hi]
-        for k in ("frontal", "study_id", "report_input_ids", "report_attention_mask")
-    }
+    out = batch_from_images(
+        {"frontal": batch["images"]["frontal"][lo:hi]}, study_id=batch["study_id"][lo:hi]
+    )
+    for k in ("report_input_ids", "report_attention_mask"):
+        out[k] = batch[k][lo:hi]
     out["sentence_input_ids"] = batch["sentence_input_ids"][keep]
     out["sentence_attention_mask"] = batch["sentence_attention_mask"][keep]
     out["sentence_index"] = batch["sentence_index"][keep] - lo

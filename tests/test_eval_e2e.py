@@ -191,7 +191,7 @@ def test_retrieval(setup):
     images, sentences = [], []
     with torch.no_grad():
         for batch in eval_loader(model, setup[1] / "train", batch_size=4):
-            feats = model.model.encode_image(batch["frontal"])
+            feats = model.model.encode_image(batch["images"]["frontal"][:, 0])
             for b, record in enumerate(batch["meta"]):
                 images.append({"image_local": feats["image_local"][b : b + 1]})
                 sentences.append(model.model.encode_text(record["sentences"], kind="sentence"))

@@ -84,7 +84,11 @@ def test_toy_encoder_objective_and_evaluator_plug_in(tmp_path):
     assert set(module.model.encoders) == {"toy", "text"}
     test = next((tmp_path.parent / "extending-cache").glob("phantom-*/shards/test"))
     batch = next(iter(eval_loader(module, test, batch_size=4)))
-    assert {"frontal", "lateral", "prior_frontal", "prior_mask"} <= set(batch)
+    # frontal and lateral at t = 0 and the prior's frontal (the eval loader reads the
+    # model's requirements): T = 2 with the lateral decoded at the current study only.
+    assert set(batch["images"]) == {"frontal", "lateral"}
+    assert batch["images"]["frontal"].shape[:2] == batch["study_mask"].shape == (4, 2)
+    assert not batch["view_mask"]["lateral"][:, 1].any()
     with torch.no_grad():
         features = module.model.encode(batch, {"toy_global"})
         layout = [(s.view, s.time, s.start, s.stop) for s in features["toy_layout"]]
@@ -92,9 +96,10 @@ def test_toy_encoder_objective_and_evaluator_plug_in(tmp_path):
         assert features["toy_local"].shape[1] == 12
         # Changing only the lateral view changes the global embedding of studies that have
         # one: the encoder really reads it.
-        has_lateral = batch["lateral_mask"]
+        has_lateral = batch["view_mask"]["lateral"][:, 0]
         assert bool(has_lateral.any())
-        changed = dict(batch, lateral=255 - batch["lateral"])
+        images = dict(batch["images"], lateral=255 - batch["images"]["lateral"])
+        changed = dict(batch, images=images)
         other = module.model.encode(changed, {"toy_global"})["toy_global"]
         moved = (other - features["toy_global"]).abs().sum(1) > 1e-6
         assert torch.equal(moved, has_lateral)
@@ -146,6 +151,21 @@ def test_encoder_needing_views_and_priors_the_data_does_not_provide_fails_at_loa
     assert message.startswith("data.priors: model.encoders.toy (toy) needs 1 prior")
 
 
+def test_an_encoder_on_a_prior_view_the_data_does_not_decode_fails_at_load(tmp_path):
+    encoders = "model: {encoders: {prior: {kind: image, view: lateral, time: 1}}}\n"
+    data = "data: {views: [frontal, lateral], priors: 1, prior_views: [frontal]}\n"
+    message = _fails(tmp_path, encoders + data)
+    assert message.startswith(
+        "data.prior_views: model.encoders.prior (image) needs the view(s) ['lateral'] of the "
+        "prior studies, but data.prior_views is ['frontal']"
+    )
+    message = _fails(tmp_path, encoders + "data: {views: [frontal, lateral]}\n")
+    assert message.startswith("data.priors: model.encoders.prior (image) needs 1 prior")
+    # prior_views must be among the decoded views
+    message = _fails(tmp_path, "data: {priors: 1, prior_views: [lateral]}\n")
+    assert "prior_views must be a subset of views ['frontal']" in message
+
+
 def test_two_image_sizes_fail_at_load(tmp_path):
     tower = "model: {encoders: {image: {tower: {name: vit_tiny_patch16_224, params: {img_size: 96}}}}}\n"
     message = _fails(tmp_path, tower)
@@ -181,15 +201,17 @@ def test_the_loader_decodes_only_what_the_components_read(tmp_path):
 
     def decoded(cfg):
         data = narrowed(cfg.data, requirements_of(cfg))
-        return data.views, data.priors, data.reports, data.sentences
+        return data.views, data.priors, data.prior_views, data.reports, data.sentences
 
     # local MI reads sentences only; CLIP reads reports only.
-    assert decoded(load_recipe(ROOT / "recipes" / "local_mi.yaml")) == (["frontal"], 0, False, True)
-    assert decoded(load_recipe(ROOT / "recipes" / "clip.yaml")) == (["frontal"], 0, True, False)
+    local_mi, clip = (load_recipe(ROOT / "recipes" / f"{n}.yaml") for n in ("local_mi", "clip"))
+    assert decoded(local_mi) == (["frontal"], 0, [], False, True)
+    assert decoded(clip) == (["frontal"], 0, [], True, False)
     # A lateral view and priors in the data section that no component reads are not decoded.
     extra = tmp_path / "extra.yaml"
     extra.write_text(f"extends: {DEBUG}\ndata: {{views: [frontal, lateral], priors: 2}}\n")
-    assert decoded(load_recipe(extra)) == (["frontal"], 0, False, True)
+    assert decoded(load_recipe(extra)) == (["frontal"], 0, [], False, True)
     toy = tmp_path / "toy.yaml"
     toy.write_text(TOY)
-    assert decoded(load_recipe(toy)) == (["frontal", "lateral"], 1, True, False)
+    # The toy encoder reads the prior's frontal only: its lateral is not decoded.
+    assert decoded(load_recipe(toy)) == (["frontal", "lateral"], 1, ["frontal"], True, False)

@@ -83,7 +83,13 @@ def make_record(index: int, *, lateral: bool, n_priors: int, n_sentences: int) -
             ],
         },
         "priors": [
-            {"study_id": str(study - k - 1), "gap_days": 10.0 * (k + 1) + index, "sentences": []}
+            {
+                "study_id": str(study - k - 1),
+                "gap_days": 10.0 * (k + 1) + index,
+                "sentences": [
+                    f"prior {k + 1} of study {index}, line {j}." for j in range(index % 3)
+                ],
+            }
             for k in range(n_priors)
         ],
     }
@@ -97,6 +103,7 @@ def write_shards(
     image_hw: tuple[int, int] = (48, 40),
     lateral=lambda i: True,
     priors=lambda i: 1,
+    prior_lateral=lambda i: False,
     sentences=lambda i: i % 5,
     corrupt: dict[int, bytes] | None = None,
     extra_member: tuple[int, str] | None = None,
@@ -131,6 +138,10 @@ def write_shards(
                     members[f"prior{k}.frontal.jpg"] = jpeg_bytes(
                         study_image(index, 1 + k, *image_hw)
                     )
+                    if prior_lateral(index):
+                        members[f"prior{k}.lateral.jpg"] = jpeg_bytes(
+                            study_image(index, 10 + k, *image_hw)
+                        )
                 if corrupt and index in corrupt:
                     members["frontal.jpg"] = corrupt[index]
                 if extra_member and extra_member[0] == index:
@@ -215,14 +226,18 @@ def test_resampled_is_deterministic_per_epoch_and_changes_across_epochs(tmp_path
 def assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
     assert [b["keys"] for b in actual] == [b["keys"] for b in expected]
     for want, got in zip(expected, actual):
-        assert want.keys() == got.keys()
-        for name, value in want.items():
-            if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(
-                    got[name], value, rtol=0, atol=0, equal_nan=True, msg=name
-                )
-            else:
-                assert value == got[name], name
+        assert_same_dict(want, got)
+
+
+def assert_same_dict(want: dict, got: dict) -> None:
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(got[name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+        elif isinstance(value, dict) and name in ("images", "view_mask"):
+            assert_same_dict(value, got[name])
+        else:
+            assert value == got[name], name
 
 
 def run_epochs(loader, epochs: int) -> list[dict]:
@@ -295,40 +310,98 @@ def test_resume_refuses_a_changed_setup(tmp_path, tokenizer):
 # ----------------------------------------------------------------------------- content
 
 
-def test_missing_lateral_and_prior_give_masks_zero_images_and_labels(tmp_path, tokenizer):
+def test_the_time_axis_holds_each_prior_with_its_views_text_and_masks(tmp_path, tokenizer):
     has_lateral = lambda i: i % 3 != 1  # noqa: E731
     n_priors = lambda i: i % 2  # noqa: E731  (prior2 never exists)
-    written = write_shards(tmp_path, 10, [10], lateral=has_lateral, priors=n_priors)
+    prior_lateral = lambda i: i % 4 == 1  # noqa: E731
+    written = write_shards(
+        tmp_path, 10, [10], lateral=has_lateral, priors=n_priors, prior_lateral=prior_lateral
+    )
     cfg = config(tmp_path, workers=0, views=["frontal", "lateral"], priors=2, batch_size=10)
     (batch,) = list(build_loader(cfg, tokenizer))
-    assert batch["frontal"].shape == (10, 1, 32, 32) and batch["frontal"].dtype == torch.uint8
-    assert batch["prior_frontal"].shape == (10, 2, 1, 32, 32)
+    B, T = 10, 3
+    frontal, lateral = batch["images"]["frontal"], batch["images"]["lateral"]
+    assert frontal.shape == lateral.shape == (B, T, 1, 32, 32) and frontal.dtype == torch.uint8
+    for name in ("study_mask", "gap_days", "study_id", "text_mask", "edema_severity"):
+        assert batch[name].shape == (B, T), name
+    assert batch["labels"].shape == (B, T, len(schema.CHEXPERT_LABELS))
+    assert batch["report_input_ids"].shape[0] == B * T
+    expected_sentences, expected_index = [], []
     for row, key in enumerate(batch["keys"]):
         record = written[key]
         index = int(record["study_id"]) - 50000000
-        assert batch["lateral_mask"][row] == has_lateral(index)
-        assert (batch["lateral"][row].float().mean() > 0) == has_lateral(index)
-        assert batch["prior_mask"][row].tolist() == [n_priors(index) == 1, False]
-        assert (batch["prior_frontal"][row, 0].float().mean() > 0) == (n_priors(index) == 1)
-        assert batch["prior_frontal"][row, 1].count_nonzero() == 0
-        gap = record["priors"][0]["gap_days"] if n_priors(index) else 0.0
-        assert batch["prior_gap_days"][row].tolist() == [gap, 0.0]
-        # labels in CHEXPERT_LABELS order, NaN for blank; edema severity -1 when unknown
+        has_prior = n_priors(index) == 1
+        assert batch["study_mask"][row].tolist() == [True, has_prior, False]
+        assert batch["view_mask"]["frontal"][row].tolist() == [True, has_prior, False]
+        views_lateral = [has_lateral(index), has_prior and prior_lateral(index), False]
+        assert batch["view_mask"]["lateral"][row].tolist() == views_lateral
+        for t in range(T):  # zeros exactly where a view is absent
+            assert (frontal[row, t].count_nonzero() > 0) == batch["view_mask"]["frontal"][row, t]
+            assert (lateral[row, t].count_nonzero() > 0) == views_lateral[t]
+        gap = record["priors"][0]["gap_days"] if has_prior else 0.0
+        assert batch["gap_days"][row].tolist() == [0.0, gap, 0.0]
+        prior_id = int(record["priors"][0]["study_id"]) if has_prior else -1
+        assert batch["study_id"][row].tolist() == [int(record["study_id"]), prior_id, -1]
+        # labels of the current study in CHEXPERT_LABELS order, NaN for blank (and for the
+        # priors: the shards keep no labels of them); edema severity -1 when unknown
         for column, name in enumerate(schema.CHEXPERT_LABELS):
             value = record["labels"]["chexpert"][name]
-            got = batch["labels"][row, column].item()
+            got = batch["labels"][row, 0, column].item()
             assert (math.isnan(got) and value is None) or got == value
+        assert batch["labels"][row, 1:].isnan().all()
         severity = record["labels"]["edema_severity"]
-        assert batch["edema_severity"][row] == (-1 if severity is None else severity)
-        assert batch["study_id"][row] == int(record["study_id"])
+        assert batch["edema_severity"][row].tolist() == [
+            -1 if severity is None else severity,
+            -1,
+            -1,
+        ]
         assert batch["meta"][row] == record
+        # text per (b, t) at row b·T + t: the current report, the prior's sentences joined
+        steps = [(record["report"], record["sentences"])]
+        steps.append(
+            (" ".join(p := record["priors"][0]["sentences"]), p) if has_prior else ("", [])
+        )
+        steps.append(("", []))
+        for t, (report, sentences) in enumerate(steps):
+            want = tokenizer(report)["input_ids"]
+            got = batch["report_input_ids"][row * T + t]
+            assert got[: len(want)].tolist() == want
+            expected_sentences += sentences
+            expected_index += [row * T + t] * len(sentences)
+    assert batch["sentence_index"].tolist() == expected_index
+    for got, sentence in zip(batch["sentence_input_ids"], expected_sentences):
+        want = tokenizer(sentence, truncation=True, max_length=24)["input_ids"]
+        assert got[: len(want)].tolist() == want
 
 
-def test_only_requested_views_are_present(tmp_path, tokenizer):
+def test_prior_views_and_prior_text_limit_what_the_priors_decode(tmp_path, tokenizer):
+    write_shards(tmp_path, 8, [8], priors=lambda i: 1, prior_lateral=lambda i: True)
+    cfg = config(
+        tmp_path,
+        workers=0,
+        views=["frontal", "lateral"],
+        priors=1,
+        prior_views=["frontal"],
+        prior_text=False,
+        batch_size=8,
+    )
+    (batch,) = list(build_loader(cfg, tokenizer))
+    assert batch["view_mask"]["frontal"].all() and batch["view_mask"]["lateral"][:, 0].all()
+    assert not batch["view_mask"]["lateral"][:, 1].any()  # in the shards, not decoded
+    assert batch["images"]["lateral"][:, 1].count_nonzero() == 0
+    assert batch["text_mask"].tolist() == [[True, False]] * 8
+    assert (batch["sentence_index"] % 2 == 0).all()  # no prior sentence
+    with pytest.raises(ValueError, match="prior_views must be a subset of views"):
+        config(tmp_path, views=["frontal"], priors=1, prior_views=["lateral"]).validate()
+
+
+def test_a_batch_without_priors_has_T_1_and_only_requested_views(tmp_path, tokenizer):
     write_shards(tmp_path, 4, [4])
     (batch,) = list(build_loader(config(tmp_path, workers=0), tokenizer))
-    assert not {"lateral", "lateral_mask", "prior_frontal", "prior_mask"} & batch.keys()
+    assert set(batch["images"]) == set(batch["view_mask"]) == {"frontal"}
+    assert batch["images"]["frontal"].shape[:2] == batch["study_mask"].shape == (4, 1)
     assert batch["report_input_ids"].dtype == torch.int64
+    assert batch["report_input_ids"].shape[0] == 4
 
 
 def test_corrupt_jpeg_members_are_skipped_and_counted(tmp_path, tokenizer):
@@ -424,7 +497,7 @@ def test_real_radiographs_decode_like_a_full_resolution_reference(tmp_path, toke
     (batch,) = list(loader)
     for row, key in enumerate(batch["keys"]):
         index = int(key.rsplit("-s", 1)[1]) - 50000000
-        got = batch["frontal"][row, 0].numpy().astype(np.float64)
+        got = batch["images"]["frontal"][row, 0, 0].numpy().astype(np.float64)
         want = reference_resize(originals[index], 224)
         assert np.abs(got - want).mean() < 4.0, key
         assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99, key
@@ -526,7 +599,7 @@ def test_augmentation_differs_across_epochs_and_evaluation_does_not(tmp_path, to
         for _ in range(2):
             (batch,) = list(loader)
             order = sorted(range(4), key=lambda i: batch["keys"][i])
-            epochs.append(batch["frontal"][order])
+            epochs.append(batch["images"]["frontal"][order])
         images[name] = epochs
     assert not torch.equal(*images["train"])
     assert torch.equal(*images["eval"])

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.data.batch import batch_from_images
 from vlp.models.heads import HeadConfig, LogitScale
 from vlp.models.image import (
     ImageTowerConfig,
@@ -243,15 +244,15 @@ def _batch(tokenizer, reports, sentences, size=64, pad_sentences=0):
     index = [i for i, group in enumerate(sentences) for _ in group] + [-1] * pad_sentences
     s = tokenizer(flat or [""], padding=True, return_tensors="pt")
     count = len(flat)
-    return {
-        "frontal": _images(len(reports), size),
-        "study_id": torch.arange(len(reports)) + 100,
-        "report_input_ids": r["input_ids"],
-        "report_attention_mask": r["attention_mask"],
-        "sentence_input_ids": s["input_ids"][:count],
-        "sentence_attention_mask": s["attention_mask"][:count],
-        "sentence_index": torch.tensor(index, dtype=torch.long),
-    }
+    return batch_from_images(
+        {"frontal": _images(len(reports), size)},
+        study_id=torch.arange(len(reports)) + 100,
+        report_input_ids=r["input_ids"],
+        report_attention_mask=r["attention_mask"],
+        sentence_input_ids=s["input_ids"][:count],
+        sentence_attention_mask=s["attention_mask"][:count],
+        sentence_index=torch.tensor(index, dtype=torch.long),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +285,53 @@ def test_encode_shapes_with_missing_and_padded_sentences(tiny_model):
     assert torch.allclose(logs["loss/total"], expected)
     assert {"metric/clip/logit_scale", "metric/local_mi/bound"} <= set(logs)
     assert all(v.ndim == 0 and not v.requires_grad for v in logs.values())
+
+
+def test_a_batch_with_priors_encodes_its_current_studies_as_a_batch_without(tiny_model):
+    # T = 2: the priors' images, reports and sentences sit beside the current ones (text
+    # rows at b·T + t); the model's features are the current studies' and equal those of
+    # the T = 1 batch built from the current studies alone.
+    tok = tiny_model.model.tokenizer
+    reports = ["left effusion. heart normal.", "", "no pneumothorax."]
+    sentences = [["left effusion", "heart normal"], [], ["no pneumothorax"]]
+    prior_reports = ["a much longer prior report about a small effusion and edema.", "", "x"]
+    prior_sentences = [["a much longer prior report about a small effusion"], ["edema"], []]
+    single = _batch(tok, reports, sentences)
+    rows = [text for pair in zip(reports, prior_reports) for text in pair]
+    flat = [
+        (s, 2 * b + t)
+        for b in range(3)
+        for t, group in enumerate((sentences[b], prior_sentences[b]))
+        for s in group
+    ]
+    r = tok(rows, padding=True, return_tensors="pt")
+    s = tok([x for x, _ in flat], padding=True, return_tensors="pt")
+    images = torch.stack([single["images"]["frontal"][:, 0], _images(3, 64, seed=5)], 1)
+    timed = batch_from_images(
+        {"frontal": images},
+        study_id=torch.tensor([[100, 7], [101, 8], [102, 9]]),
+        report_input_ids=r["input_ids"],
+        report_attention_mask=r["attention_mask"],
+        sentence_input_ids=s["input_ids"],
+        sentence_attention_mask=s["attention_mask"],
+        sentence_index=torch.tensor([i for _, i in flat]),
+    )
+    was_training = tiny_model.training
+    tiny_model.eval()  # no dropout: the two encodings must be comparable
+    with torch.no_grad():
+        want, got = tiny_model.model.encode(single), tiny_model.model.encode(timed)
+    assert got["sentence_index"].tolist() == [0, 0, 2]
+    assert got["study_id"].tolist() == [100, 101, 102]
+    for key in ("image_global", "image_local", "report", "sentence"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)
+    # The batch seen from t = 1 encodes the priors' images as current ones.
+    from vlp.data.batch import at_time
+
+    with torch.no_grad():
+        prior = tiny_model.model.encode_image(at_time(timed, 1))["image_global"]
+        direct = tiny_model.model.encode_image(images[:, 1])["image_global"]
+    torch.testing.assert_close(prior, direct)
+    tiny_model.train(was_training)
 
 
 def test_batch_without_any_sentence(tiny_model):

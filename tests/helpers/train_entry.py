@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from vlp.data.batch import batch_from_images
+
 SENTENCES = [
     "Small left pleural effusion.",
     "The heart size is normal.",
@@ -43,16 +45,16 @@ def synthetic_batches(
         sen = tokenizer(
             sentences, padding=True, truncation=True, max_length=16, return_tensors="pt"
         )
-        yield {
-            "keys": [f"s{step}-{i}" for i in rows],
-            "study_id": torch.tensor(list(rows), dtype=torch.int64) + 1000 * step,
-            "frontal": images[rank * per_rank : (rank + 1) * per_rank],
-            "report_input_ids": rep["input_ids"],
-            "report_attention_mask": rep["attention_mask"],
-            "sentence_input_ids": sen["input_ids"],
-            "sentence_attention_mask": sen["attention_mask"],
-            "sentence_index": torch.arange(per_rank).repeat_interleave(2),
-        }
+        yield batch_from_images(
+            {"frontal": images[rank * per_rank : (rank + 1) * per_rank]},
+            keys=[f"s{step}-{i}" for i in rows],
+            study_id=torch.tensor(list(rows), dtype=torch.int64) + 1000 * step,
+            report_input_ids=rep["input_ids"],
+            report_attention_mask=rep["attention_mask"],
+            sentence_input_ids=sen["input_ids"],
+            sentence_attention_mask=sen["attention_mask"],
+            sentence_index=torch.arange(per_rank).repeat_interleave(2),
+        )
         step += 1
 
 

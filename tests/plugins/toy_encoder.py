@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlp.data.batch import batch_images, batch_view_mask
 from vlp.data.requirements import Requirements
-from vlp.models.encoders import ImageEncoderBase, ImageEncoding, TokenSegment, batch_images
+from vlp.models.encoders import ImageEncoderBase, ImageEncoding, TokenSegment
 from vlp.registry import register
 
 INPUTS = (("frontal", 0), ("lateral", 0), ("frontal", 1))
@@ -41,7 +42,9 @@ class ToyEncoder(ImageEncoderBase):
 
     @classmethod
     def requirements(cls, config: ToyEncoderConfig) -> Requirements:
-        return Requirements(views=frozenset({"frontal", "lateral"}), priors=1)
+        return Requirements(
+            views=frozenset({"frontal", "lateral"}), priors=1, prior_views=frozenset({"frontal"})
+        )
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div(255.0).sub(0.5)
@@ -54,15 +57,10 @@ class ToyEncoder(ImageEncoderBase):
 
     def forward(self, batch: dict) -> ImageEncoding:
         grid = (self.config.grid, self.config.grid)
-        masks = {
-            ("frontal", 0): torch.ones_like(batch["lateral_mask"]),
-            ("lateral", 0): batch["lateral_mask"],
-            ("frontal", 1): batch["prior_mask"][:, 0],
-        }
         tokens, layout, pooled, present = [], [], 0.0, 0.0
         for view, time in INPUTS:
             part = self._tokens(batch_images(batch, view, time))
-            mask = masks[(view, time)].float()[:, None]
+            mask = batch_view_mask(batch, view, time).float()[:, None]
             layout.append(TokenSegment(view, time, sum(t.shape[1] for t in tokens), grid))
             tokens.append(part)
             pooled = pooled + part.mean(1) * mask

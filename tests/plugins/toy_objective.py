@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.data.batch import batch_images
 from vlp.objectives.base import Objective, ObjectiveOutput
 from vlp.registry import register
 
@@ -40,7 +41,7 @@ class ToyAlign(Objective):
         logits = image @ report.T / self.config.temperature
         target = torch.arange(logits.shape[0])
         contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        labels = batch["labels"]
+        labels = batch["labels"][:, 0]  # the current study's (t = 0)
         known = (labels == 0) | (labels == 1)
         scores = self.label_head(features[self.config.image_key])
         if bool(known.any()):
@@ -66,6 +67,6 @@ class ToyImageOnly(Objective):
         return frozenset({config.image_key})
 
     def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
-        target = batch["frontal"].float().mean(dim=(1, 2, 3)) / 255.0
+        target = batch_images(batch, "frontal", 0).float().mean(dim=(1, 2, 3)) / 255.0
         prediction = self.head(features[self.config.image_key]).squeeze(1)
         return ObjectiveOutput({"intensity": F.mse_loss(prediction, target)})

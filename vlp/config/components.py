@@ -55,9 +55,7 @@ def component_needs(cfg, source: str | None = None) -> list[tuple[str, Requireme
                 f"objective {spec.name!r} needs the feature(s) {missing}, which no encoder of "
                 f"model.encoders produces (encoders: {', '.join(encoders)})",
             )
-        text = frozenset(k for k in ("report", "sentence") if k in features)
-        fields = frozenset(objective_cls.fields_needed(config))
-        needs.append((f"{path} ({spec.name})", Requirements(text=text, fields=fields)))
+        needs.append((f"{path} ({spec.name})", objective_cls.requirements(config)))
     return needs
 
 

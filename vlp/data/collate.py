@@ -7,14 +7,17 @@ stays free).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from vlp.data.schema import CHEXPERT_LABELS
+
 if TYPE_CHECKING:
-    from vlp.data.decode import _Decoded
+    from vlp.data.decode import _Decoded, _Step
     from vlp.data.loader import LoaderConfig
 
 
@@ -45,47 +48,54 @@ def collate_studies(
 ) -> dict[str, Any]:
     """Decoded studies → the batch dict of docs/architecture.md ("Batch").
 
-    Without a tokenizer (a model with no text encoder) the batch has no token ids; the
-    report text stays in ``meta``."""
+    Every per-study field has a time axis: B×T with T = 1 + ``cfg.priors`` (t = 0 the
+    current study, t = k its k-th prior), absent studies and views zero-filled and masked.
+    Text rows are flat over ``b·T + t``. Without a tokenizer (a model with no text encoder)
+    the batch has no token ids; the report text stays in ``meta``."""
     size = cfg.image_size
     zeros = torch.from_numpy(np.zeros((1, size, size), dtype=np.uint8))  # no OpenMP, see _stack
+    steps = [s.steps for s in studies]
+    views = [v for v in ("frontal", "lateral") if v in cfg.views]
     batch: dict[str, Any] = {
         "keys": [s.key for s in studies],
-        "study_id": torch.tensor([s.study_id for s in studies], dtype=torch.int64),
-        "frontal": _stack([s.frontal for s in studies]),
+        "study_id": torch.tensor([[t.study_id for t in row] for row in steps], dtype=torch.int64),
+        "study_mask": torch.tensor([[t.present for t in row] for row in steps], dtype=torch.bool),
+        "gap_days": torch.tensor([[t.gap_days for t in row] for row in steps], dtype=torch.float32),
+        "images": {
+            view: _stack([[t.images.get(view, zeros) for t in row] for row in steps])
+            for view in views
+        },
+        "view_mask": {
+            view: torch.tensor([[view in t.images for t in row] for row in steps], dtype=torch.bool)
+            for view in views
+        },
+        "text_mask": torch.tensor([[t.text for t in row] for row in steps], dtype=torch.bool),
     }
-    if "lateral" in cfg.views:
-        batch["lateral"] = _stack([s.lateral if s.lateral is not None else zeros for s in studies])
-        batch["lateral_mask"] = torch.tensor(
-            [s.lateral is not None for s in studies], dtype=torch.bool
-        )
-    if cfg.priors > 0:
-        batch["prior_frontal"] = _stack(
-            [[p if p is not None else zeros for p in s.priors] for s in studies]
-        )
-        batch["prior_mask"] = torch.tensor(
-            [[p is not None for p in s.priors] for s in studies], dtype=torch.bool
-        )
-        batch["prior_gap_days"] = torch.tensor(
-            [s.prior_gap_days for s in studies], dtype=torch.float32
-        )
     if tokenizer is not None:
-        _add_text(batch, studies, tokenizer, cfg)
-    batch["labels"] = torch.tensor([s.labels for s in studies], dtype=torch.float32)
-    batch["edema_severity"] = torch.tensor([s.edema_severity for s in studies], dtype=torch.int64)
+        _add_text(batch, [t for row in steps for t in row], tokenizer, cfg)
+    unknown = [math.nan] * len(CHEXPERT_LABELS)
+    batch["labels"] = torch.tensor(
+        [[s.labels] + [unknown] * cfg.priors for s in studies], dtype=torch.float32
+    )
+    batch["edema_severity"] = torch.tensor(
+        [[s.edema_severity] + [-1] * cfg.priors for s in studies], dtype=torch.int64
+    )
     batch["meta"] = [s.meta for s in studies]
     return batch
 
 
-def _add_text(batch: dict, studies: list[_Decoded], tokenizer: Callable, cfg) -> None:
-    """Token ids of the reports (with ``cfg.reports``) and of all sentences, flat (with
-    ``cfg.sentences``)."""
+def _add_text(batch: dict, rows: list[_Step], tokenizer: Callable, cfg) -> None:
+    """Token ids of the reports, one row per (b, t) at ``b·T + t`` (with ``cfg.reports``;
+    empty where ``text_mask`` is false), and of all sentences, flat, with ``sentence_index``
+    the row ``b·T + t`` each belongs to (with ``cfg.sentences``)."""
     if cfg.reports:
-        ids, mask = _tokenize(tokenizer, [s.report for s in studies], cfg.max_text_length)
+        ids, mask = _tokenize(
+            tokenizer, [r.report if r.text else "" for r in rows], cfg.max_text_length
+        )
         batch["report_input_ids"], batch["report_attention_mask"] = ids, mask
     if cfg.sentences:
-        flat = [sentence for s in studies for sentence in s.sentences]
-        index = [i for i, s in enumerate(studies) for _ in s.sentences]
+        flat = [sentence for r in rows if r.text for sentence in r.sentences]
+        index = [i for i, r in enumerate(rows) if r.text for _ in r.sentences]
         if flat:
             ids, mask = _tokenize(tokenizer, flat, cfg.max_sentence_length)
         else:  # no sentence in the whole batch: keep the keys, with zero rows

@@ -103,15 +103,24 @@ def _labels(record: dict) -> tuple[list[float], int]:
 
 
 @dataclass
-class _Decoded:
-    key: str
-    study_id: int
-    frontal: torch.Tensor
-    lateral: torch.Tensor | None
-    priors: list[torch.Tensor | None]
-    prior_gap_days: list[float]
+class _Step:
+    """One time step of a decoded sample: the current study (t = 0) or its k-th prior."""
+
+    #: the study exists (the current one always; a prior when the record lists it).
+    present: bool
+    study_id: int  # -1 when absent
+    gap_days: float  # days before the current study (0 for it and for absent priors)
+    images: dict[str, torch.Tensor]  # the decoded views this study has
     report: str
     sentences: list[str]
+    #: this step's text was decoded (the current one always; priors with data.prior_text).
+    text: bool
+
+
+@dataclass
+class _Decoded:
+    key: str
+    steps: list[_Step]  # T = 1 + data.priors
     labels: list[float]
     edema_severity: int
     meta: dict
@@ -119,16 +128,36 @@ class _Decoded:
     reduced: int = 0  # of which with draft scaling
 
 
+def _sentences(value, cfg, rng: random.Random, where: str) -> list[str]:
+    """A record's ``sentences`` checked, blank ones dropped, capped at ``max_sentences``."""
+    if value is None:
+        value = []
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise SampleError(f"json {where}'sentences' must be a list of strings")
+    sentences = [s for s in value if s.strip()]
+    if len(sentences) > cfg.max_sentences:
+        if cfg.sentence_sampling == "random":
+            chosen = sorted(rng.sample(range(len(sentences)), cfg.max_sentences))
+            sentences = [sentences[i] for i in chosen]
+        else:
+            sentences = sentences[: cfg.max_sentences]
+    return sentences
+
+
 class StudyDecoder:
-    """Raw sample (member bytes) → decoded study; raises :class:`SampleError` on bad data."""
+    """Raw sample (member bytes) → decoded study and its priors; raises
+    :class:`SampleError` on bad data."""
 
     def __init__(self, cfg: LoaderConfig):
         self.cfg = cfg
-        self.lateral = "lateral" in cfg.views
-        members = {"json", "txt", "frontal.jpg"}
-        if self.lateral:
-            members.add("lateral.jpg")
-        members.update(f"prior{k}.frontal.jpg" for k in range(1, cfg.priors + 1))
+        self.views = tuple(v for v in ("frontal", "lateral") if v in cfg.views)
+        self.prior_views = tuple(
+            v for v in self.views if cfg.prior_views is None or v in cfg.prior_views
+        )
+        members = {"json", "txt", *(f"{v}.jpg" for v in self.views)}
+        members.update(
+            f"prior{k}.{v}.jpg" for k in range(1, cfg.priors + 1) for v in self.prior_views
+        )
         self.members = frozenset(members)
 
     def _image(self, raw: dict, member: str, rng: random.Random, out: _Decoded) -> torch.Tensor:
@@ -160,39 +189,53 @@ class StudyDecoder:
             raise SampleError(f"txt member is not UTF-8: {exc}") from exc
         if "frontal.jpg" not in raw:
             raise SampleError("missing frontal.jpg member")
-        sentences = record.get("sentences") or []
-        if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-            raise SampleError("json 'sentences' must be a list of strings")
-        sentences = [s for s in sentences if s.strip()]
-        if len(sentences) > self.cfg.max_sentences:
-            if self.cfg.sentence_sampling == "random":
-                chosen = sorted(rng.sample(range(len(sentences)), self.cfg.max_sentences))
-                sentences = [sentences[i] for i in chosen]
-            else:
-                sentences = sentences[: self.cfg.max_sentences]
         labels, severity = _labels(record)
-        out = _Decoded(
-            key=key,
+        out = _Decoded(key=key, steps=[], labels=labels, edema_severity=severity, meta=record)
+        current = _Step(
+            present=True,
             study_id=_study_id(record, key),
-            frontal=torch.empty(0),
-            lateral=None,
-            priors=[],
-            prior_gap_days=[],
+            gap_days=0.0,
+            images={},
             report=report,
-            sentences=sentences,
-            labels=labels,
-            edema_severity=severity,
-            meta=record,
+            sentences=_sentences(record.get("sentences"), self.cfg, rng, ""),
+            text=True,
         )
-        out.frontal = self._image(raw, "frontal.jpg", rng, out)
-        if self.lateral and "lateral.jpg" in raw:
-            out.lateral = self._image(raw, "lateral.jpg", rng, out)
+        for view in self.views:
+            if f"{view}.jpg" in raw:
+                current.images[view] = self._image(raw, f"{view}.jpg", rng, out)
+        out.steps.append(current)
         prior_records = record.get("priors") or []
+        if not isinstance(prior_records, list):
+            raise SampleError(f"json 'priors' must be a list, got {type(prior_records).__name__}")
         for k in range(1, self.cfg.priors + 1):
-            member = f"prior{k}.frontal.jpg"
-            out.priors.append(self._image(raw, member, rng, out) if member in raw else None)
-            gap = None
-            if member in raw and k <= len(prior_records) and isinstance(prior_records[k - 1], dict):
-                gap = prior_records[k - 1].get("gap_days")
-            out.prior_gap_days.append(float(gap) if isinstance(gap, (int, float)) else 0.0)
+            out.steps.append(self._prior(raw, k, prior_records, rng, out))
         return out
+
+    def _prior(self, raw: dict, k: int, records: list, rng: random.Random, out) -> _Step:
+        """Time step ``k``: the k-th prior's views and, with ``data.prior_text``, its
+        sentences (a prior's report is its sentences joined: the record keeps no other
+        text of it)."""
+        record = records[k - 1] if k <= len(records) else None
+        if not isinstance(record, dict):
+            if record is not None:
+                raise SampleError(f"json priors[{k - 1}] must be an object")
+            return _Step(False, -1, 0.0, {}, "", [], False)
+        digits = re.sub(r"\D", "", str(record.get("study_id") or ""))
+        gap = record.get("gap_days")
+        step = _Step(
+            present=True,
+            study_id=int(digits) if digits else -1,
+            gap_days=float(gap) if isinstance(gap, (int, float)) else 0.0,
+            images={},
+            report="",
+            sentences=[],
+            text=self.cfg.prior_text,
+        )
+        if step.text:
+            step.sentences = _sentences(record.get("sentences"), self.cfg, rng, f"priors[{k - 1}] ")
+            step.report = " ".join(step.sentences)
+        for view in self.prior_views:
+            member = f"prior{k}.{view}.jpg"
+            if member in raw:
+                step.images[view] = self._image(raw, member, rng, out)
+        return step

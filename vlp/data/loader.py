@@ -77,7 +77,13 @@ class LoaderConfig:
     workers: int = 2
     image_size: int = 224  # model input side; views are cropped and resized to it
     views: list[str] = field(default_factory=lambda: ["frontal"])
-    priors: int = 0  # K: decode prior1..priorK frontal views
+    #: K: the batch's time axis is T = K + 1 (the current study, then prior1..priorK).
+    priors: int = 0
+    #: views decoded at the prior time steps (a subset of ``views``); null = ``views``.
+    prior_views: list[str] | None = None
+    #: decode the priors' text (their sentences; the report of a prior is its sentences
+    #: joined) when reports or sentences are decoded.
+    prior_text: bool = True
     sentences: bool = True  # tokenise the json ``sentences`` individually
     #: tokenise the report; the trainer turns it off when no objective reads reports
     #: (:func:`vlp.data.requirements.narrowed`).
@@ -118,6 +124,10 @@ class LoaderConfig:
             )
         if self.priors < 0:
             problems.append(f"priors must be >= 0, got {self.priors}")
+        if self.prior_views is not None and not set(self.prior_views) <= set(self.views):
+            problems.append(
+                f"prior_views must be a subset of views {self.views}, got {self.prior_views}"
+            )
         if self.draft_max_upscale < 1.0:
             problems.append(f"draft_max_upscale must be >= 1, got {self.draft_max_upscale}")
         if self.max_sentences < 1 or self.max_text_length < 2 or self.max_sentence_length < 2:

@@ -1,7 +1,7 @@
 """What a component needs from the batch, and the check that the data section provides it.
 
-Encoders and objectives declare a :class:`Requirements` (views, prior time steps, text
-kinds, label fields). The recipe loader takes their union and checks it against the
+Encoders and objectives declare a :class:`Requirements` (views and text kinds of the
+current study and of its priors, how many priors, label fields). The recipe loader takes their union and checks it against the
 recipe's ``data`` section before anything heavy starts, so a recipe whose objective needs
 sentences or laterals that the loader would not produce fails at load time with the
 dotted key to change, not with a KeyError at step 1.
@@ -21,12 +21,17 @@ TEXT_KINDS = ("report", "sentence")
 class Requirements:
     """Batch contents one component needs."""
 
-    #: image views of the current study (``frontal``, ``lateral``).
+    #: image views of the current study (``frontal``, ``lateral``; time step 0).
     views: frozenset[str] = frozenset()
-    #: number of prior studies (time steps before the current one).
+    #: number of prior studies (time steps 1..priors before the current one).
     priors: int = 0
-    #: text kinds: ``report`` (the tokenised report) and/or ``sentence`` (its sentences).
+    #: image views read at the prior time steps.
+    prior_views: frozenset[str] = frozenset()
+    #: text kinds of the current study: ``report`` (the tokenised report) and/or
+    #: ``sentence`` (its sentences).
     text: frozenset[str] = frozenset()
+    #: text kinds read at the prior time steps.
+    prior_text: frozenset[str] = frozenset()
     #: label fields from :data:`LABEL_FIELDS`.
     fields: frozenset[str] = frozenset()
 
@@ -34,7 +39,9 @@ class Requirements:
         return Requirements(
             views=self.views | other.views,
             priors=max(self.priors, other.priors),
+            prior_views=self.prior_views | other.prior_views,
             text=self.text | other.text,
+            prior_text=self.prior_text | other.prior_text,
             fields=self.fields | other.fields,
         )
 
@@ -50,7 +57,8 @@ def unmet(need: Requirements, data, who: str) -> list[tuple[str, str]]:
     """``(dotted data key, message)`` for each need of ``who`` that ``data`` does not meet.
 
     ``data`` is the recipe's data section (a ``LoaderConfig``). Reports and label fields
-    are always in a batch; views, priors and sentences are recipe settings.
+    are always in a batch; views, priors, the priors' views and text, and sentences are
+    recipe settings.
     """
     problems = []
     missing = sorted(need.views - set(data.views))
@@ -69,7 +77,25 @@ def unmet(need: Requirements, data, who: str) -> list[tuple[str, str]]:
                 f"{who} needs {need.priors} prior study(ies), but data.priors is {data.priors}",
             )
         )
-    if "sentence" in need.text and not data.sentences:
+    prior_views = data.views if data.prior_views is None else data.prior_views
+    missing = sorted(need.prior_views - set(prior_views))
+    if need.priors and missing:
+        key = "data.views" if data.prior_views is None else "data.prior_views"
+        problems.append(
+            (
+                key,
+                f"{who} needs the view(s) {missing} of the prior studies, but {key} is "
+                f"{list(prior_views)}",
+            )
+        )
+    if need.priors and need.prior_text and not data.prior_text:
+        problems.append(
+            (
+                "data.prior_text",
+                f"{who} needs the text of the prior studies, but data.prior_text is false",
+            )
+        )
+    if "sentence" in (need.text | need.prior_text) and not data.sentences:
         problems.append(
             ("data.sentences", f"{who} needs report sentences, but data.sentences is false")
         )
@@ -81,12 +107,18 @@ def unmet(need: Requirements, data, who: str) -> list[tuple[str, str]]:
 
 def narrowed(data, need: Requirements):
     """``data`` (a ``LoaderConfig``) decoding only what ``need`` asks for: the views in
-    ``need`` (the frontal always), ``need.priors`` priors, reports and sentences only when
-    some component reads them. ``need`` must be met (:func:`unmet` empty)."""
+    ``need`` (the current frontal always), ``need.priors`` priors with only the views and
+    text read at them, reports and sentences only when some component reads them. ``need``
+    must be met (:func:`unmet` empty)."""
+    priors = min(data.priors, need.priors)
+    wanted = need.views | (need.prior_views if priors else frozenset())
+    text = need.text | (need.prior_text if priors else frozenset())
     return dataclasses.replace(
         data,
-        views=[v for v in data.views if v == "frontal" or v in need.views],
-        priors=min(data.priors, need.priors),
-        sentences=data.sentences and "sentence" in need.text,
-        reports="report" in need.text,
+        views=[v for v in data.views if v == "frontal" or v in wanted],
+        priors=priors,
+        prior_views=[v for v in data.views if v in need.prior_views],
+        prior_text=bool(priors and need.prior_text),
+        sentences=data.sentences and "sentence" in text,
+        reports="report" in text,
     )

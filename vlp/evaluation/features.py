@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlp.data.batch import at_time, batch_to
 from vlp.data.loader import LoaderConfig, build_loader
 from vlp.data.shards import resolve_shards
 
@@ -139,8 +140,7 @@ def tokenizer_of(module):
 def image_features(module, batch: dict, device) -> dict:
     """The primary image encoder's projected features (``image_global``, ``image_local``,
     ``image_grid``) of a loader batch: the encoder reads the views it declares."""
-    images = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return model_of(module).encode_image(images)
+    return model_of(module).encode_image(batch_to(batch, device))
 
 
 def random_init_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -204,21 +204,27 @@ def eval_loader(
     data: str | os.PathLike,
     *,
     batch_size: int = 32,
-    priors: int = 0,
+    shifted_priors: int = 0,
     sentences: bool = False,
     workers: int = 0,
     image_size: int | None = None,
 ):
     """The evaluation loader of ``data`` for ``model``: the views and priors its encoders
-    read (at least ``priors`` priors), centre crop, in order."""
+    read, centre crop, in order. ``shifted_priors`` = k adds k time steps so that the
+    encoders can also read the batch seen from time step 1..k
+    (:func:`vlp.data.collate.at_time`: a prior study encoded as a current one)."""
     need = model_of(model).requirements()
+    views = need.views | need.prior_views
+    prior_views = need.prior_views | (need.views if shifted_priors else frozenset())
     cfg = LoaderConfig(
         shards=str(data),
         batch_size=batch_size,
         workers=workers,
         image_size=image_size or image_size_of(model),
-        views=["frontal", *sorted(need.views - {"frontal"})],
-        priors=max(priors, need.priors),
+        views=["frontal", *sorted(views - {"frontal"})],
+        priors=need.priors + shifted_priors,
+        prior_views=sorted(prior_views),
+        prior_text=False,
         sentences=sentences,
         shuffle_buffer=0,
         shard_shuffle=False,
@@ -320,7 +326,7 @@ def extract_features(
     model.eval()
     device = model_device(model)
     loader = eval_loader(
-        model, data, batch_size=batch_size, priors=1 if priors else 0, workers=workers
+        model, data, batch_size=batch_size, shifted_priors=1 if priors else 0, workers=workers
     )
     keys, meta, globals_, labels, severity = [], [], [], [], []
     report_rows, prior_rows, prior_masks = [], [], []
@@ -328,21 +334,22 @@ def extract_features(
     for batch in progress(loader, data, batch_size, desc):
         globals_.append(image_features(net, batch, device)["image_global"].float().cpu())
         if reports:
-            tokens = {k: batch[k].to(device) for k in ("report_input_ids", "report_attention_mask")}
+            keys_ = ("report_input_ids", "report_attention_mask", "study_mask")
+            tokens = {k: batch[k].to(device) for k in keys_}
             report_rows.append(net.encode(tokens, {"report"})["report"].float().cpu())
         if priors:
-            # The prior study through the same encoder: its frontal view as the current one.
-            mask = batch["prior_mask"][:, 0]
+            # The prior study through the same encoder: the batch seen from time step 1.
+            mask = batch["study_mask"][:, 1] & batch["view_mask"]["frontal"][:, 1]
             rows = torch.zeros_like(globals_[-1])
             if bool(mask.any()):
-                prior_images = batch["prior_frontal"][:, 0][mask].to(device)
-                rows[mask] = net.encode_image(prior_images)["image_global"].float().cpu()
+                prior = image_features(net, at_time(batch, 1), device)["image_global"]
+                rows[mask] = prior.float().cpu()[mask]
             prior_rows.append(rows)
             prior_masks.append(mask)
         keys += batch["keys"]
         meta += batch["meta"]
-        labels.append(batch["labels"])
-        severity.append(batch["edema_severity"])
+        labels.append(batch["labels"][:, 0])
+        severity.append(batch["edema_severity"][:, 0])
     model.train(was_training)
     if not keys:
         raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")

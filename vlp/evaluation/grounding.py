@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlp.data.batch import batch_images
 from vlp.data.transforms import center_square_box
 from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
@@ -225,7 +226,7 @@ def evaluate(
             categories.append(target["category"])
             if figures:
                 item = {
-                    "image": batch["frontal"][index[t], 0].numpy(),
+                    "image": batch_images(batch, "frontal", 0)[index[t], 0].numpy(),
                     "heat": heat[t],
                     "boxes": [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in target["boxes"]],
                     "sentence": target["phrase"],

@@ -143,7 +143,7 @@ def finetune_auroc(
     for epoch in range(epochs):
         loader = eval_loader(net, train_data, batch_size=batch_size)
         for batch in progress(loader, train_data, batch_size, f"finetune epoch {epoch + 1}"):
-            labels = batch["labels"].to(device)
+            labels = batch["labels"][:, 0].to(device)
             known = (labels == 0) | (labels == 1)
             if not bool(known.any()):
                 continue
@@ -161,7 +161,7 @@ def finetune_auroc(
         for batch in progress(loader, test_data, batch_size, "finetune test"):
             out = head(image_features(net, batch, device)["image_global"])
             scores.append(out.float().cpu().numpy())
-            labels.append(batch["labels"].numpy())
+            labels.append(batch["labels"][:, 0].numpy())
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     result = {"epochs": epochs, "lr": lr, "auroc": {}}
     for j, name in enumerate(CHEXPERT_LABELS):

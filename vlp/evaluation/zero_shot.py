@@ -154,7 +154,7 @@ def score_split(model, data, scorer: PromptScorer, batch_size: int, desc: str) -
         prompt_scores, group_scores = scorer(batch)
         prompt_rows.append(prompt_scores)
         group_rows.append(group_scores)
-        labels.append(batch["labels"].numpy())
+        labels.append(batch["labels"][:, 0].numpy())
         keys += batch["keys"]
     if not keys:
         raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")

@@ -3,7 +3,8 @@
 The model holds ``model.encoders``, a dict built from the recipe's ``model.encoders``
 (``{name: {kind, ...params}}``; ``kind`` defaults to the name). Each encoder declares
 
-* its **inputs** (:meth:`Encoder.requirements`: views, prior time steps) — the recipe
+* its **inputs** (:meth:`Encoder.requirements`: views of the current study, prior time
+  steps and their views; read with ``vlp.data.batch.batch_images`` / ``batch_view_mask``) — the recipe
   loader checks them against the ``data`` section before anything is built;
 * its **outputs**: an image encoder (``modality = "image"``) returns an
   :class:`ImageEncoding` (a pooled vector, local tokens, and the token layout that says
@@ -26,6 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from vlp.data.batch import batch_images
 from vlp.data.requirements import Requirements
 from vlp.models.image import ImageTower, ImageTowerConfig, build_image_tower, image_tower_config
 from vlp.models.text import TextTower, TextTowerConfig, build_text_tower, text_tower_config
@@ -108,18 +110,6 @@ class ImageEncoderBase(Encoder):
         raise NotImplementedError
 
 
-def batch_images(batch: dict, view: str, time: int) -> torch.Tensor:
-    """The ``B×1×H×W`` images of ``view`` at time step ``time`` (0 current, k = k-th prior)."""
-    key = view if time == 0 else f"prior_{view}"
-    if key not in batch:
-        raise KeyError(
-            f"batch has no {key!r} images (keys: {sorted(batch)}); the recipe's data section "
-            "must decode this view"
-        )
-    images = batch[key]
-    return images if time == 0 else images[:, time - 1]
-
-
 def tower_grad_checkpointing(tower: nn.Module, enable: bool, what: str) -> None:
     """Turn on a tower's own activation checkpointing (timm and Hugging Face models)."""
     inner = getattr(tower, "model", tower)
@@ -155,8 +145,6 @@ class ImageEncoderConfig:
             raise ValueError(f"view must be 'frontal' or 'lateral', got {self.view!r}")
         if self.time < 0:
             raise ValueError(f"time must be >= 0, got {self.time}")
-        if self.time > 0 and self.view != "frontal":
-            raise ValueError("prior studies are decoded as frontal views only (time > 0)")
 
 
 @register("encoder", "image", config=ImageEncoderConfig)
@@ -172,7 +160,9 @@ class ImageEncoder(ImageEncoderBase):
 
     @classmethod
     def requirements(cls, config: ImageEncoderConfig) -> Requirements:
-        return Requirements(views=frozenset({config.view}), priors=config.time)
+        if config.time == 0:
+            return Requirements(views=frozenset({config.view}))
+        return Requirements(priors=config.time, prior_views=frozenset({config.view}))
 
     @classmethod
     def check(cls, config: ImageEncoderConfig, path: str, source, image_size: int) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlp.data.batch import current_text
 from vlp.data.requirements import Requirements
 from vlp.models.encoders import Encoder, ImageEncoding, encoder_specs
 from vlp.models.heads import HeadConfig, ProjectionHead
@@ -187,7 +188,8 @@ class VLPModel(nn.Module):
             if need is None or need & set(keys):
                 features.update(self._project_image(name, self.encoders[name](batch)))
         if "study_id" in batch:
-            features["study_id"] = batch["study_id"]
+            study = batch["study_id"]
+            features["study_id"] = study[:, 0] if study.dim() == 2 else study
         for kind in ("report", "sentence"):
             ids = f"{kind}_input_ids"
             if need is None:
@@ -200,14 +202,12 @@ class VLPModel(nn.Module):
                     f"an objective needs {kind} features but the batch has no {ids} (or the "
                     "model has no text encoder)"
                 )
-            mask = batch[f"{kind}_attention_mask"]
+            tokens, mask, index = current_text(batch, kind)
             if kind == "report":
-                features["report"] = self.heads["report"](
-                    self.text.encode_reports(batch[ids], mask)
-                )
+                features["report"] = self.heads["report"](self.text.encode_reports(tokens, mask))
             else:
-                features["sentence"] = self._sentence_embeddings(batch[ids], mask)
-                features["sentence_index"] = batch["sentence_index"]
+                features["sentence"] = self._sentence_embeddings(tokens, mask)
+                features["sentence_index"] = index
         return features
 
     def encode_image(self, images, encoder: str | None = None) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlp.data.requirements import TEXT_KINDS, Requirements
 from vlp.models.model import FeatureDims
 from vlp.registry import build
 
@@ -39,8 +40,10 @@ class Objective(nn.Module):
     An objective declares what it needs as functions of its config, so the recipe loader
     checks them before anything is built: :meth:`features_needed` (feature keys the model
     must produce; the model computes only those) and :meth:`fields_needed` (batch label
-    fields, ``vlp.data.requirements.LABEL_FIELDS``). Its own parameters (critics,
-    temperatures, logit scales) live in the objective.
+    fields, ``vlp.data.requirements.LABEL_FIELDS``); :meth:`requirements` derives what it
+    reads from the batch from these, and an objective that reads more of the time axis
+    itself (priors, their text) overrides it. Its own parameters (critics, temperatures,
+    logit scales) live in the objective.
     """
 
     def __init__(self, config, dims: FeatureDims):
@@ -55,6 +58,16 @@ class Objective(nn.Module):
     @classmethod
     def fields_needed(cls, config) -> frozenset[str]:
         return frozenset()
+
+    @classmethod
+    def requirements(cls, config) -> Requirements:
+        """What this objective reads from the batch: the text kinds its features come from
+        and its label fields (checked against the data section at load time)."""
+        features = cls.features_needed(config)
+        return Requirements(
+            text=frozenset(k for k in TEXT_KINDS if k in features),
+            fields=frozenset(cls.fields_needed(config)),
+        )
 
     @property
     def required_features(self) -> frozenset[str]:

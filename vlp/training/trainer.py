@@ -85,15 +85,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _to_device(batch: dict, device) -> dict:
-    import torch
-
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
-
-
 def _memory_mb(device) -> float:
     import resource
 
@@ -139,6 +130,7 @@ def pretrain(
     import torch.distributed as dist
 
     from vlp import distributed
+    from vlp.data.batch import batch_to
     from vlp.training import checkpoint, optim
     from vlp.training.module import build_pretraining_module, param_groups_of
 
@@ -274,7 +266,7 @@ def pretrain(
                         raise
                     batches = iter(loader)  # the loader has moved on to the next epoch
                     batch = next(batches)
-                batch = _to_device(batch, device)
+                batch = batch_to(batch, device, non_blocking=True)
                 data_wait += time.perf_counter() - t_data
                 loss, logs = engine(batch)
                 engine.backward(loss)
