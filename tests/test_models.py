@@ -374,7 +374,7 @@ def test_param_groups_cover_every_parameter_once():
     assert by_name["model.heads.report.net.0.weight"] == ("heads", False)
     # The separable critic: its projections' biases and its temperature are not decayed.
     assert by_name["objectives.global_mi.critic.image_net.2.bias"] == ("objectives", True)
-    assert by_name["objectives.global_mi.critic.log_scale"] == ("objectives", True)
+    assert by_name["objectives.global_mi.critic.logit_scale.log_scale"] == ("objectives", True)
     assert any(g == ("text", False) for g in by_name.values())
 
 

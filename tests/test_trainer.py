@@ -123,9 +123,12 @@ def test_bad_recipe_fails_before_any_process_group(tmp_path):
     assert "train.stesp: unknown key; did you mean 'steps'?" in proc.stderr
 
 
-# ZeRO-3 gathers a module's own parameters only inside its forward; timm's ViT reads
-# pos_embed/cls_token in forward_features, which the tower calls, so ZeRO-3 uses a
-# batch-norm-free CNN (ConvNeXt, layer norm) here.
+# ZeRO-3 with a timm ViT (the tower enters it through forward_features, outside its hooked
+# call) and with a batch-norm-free CNN (ConvNeXt, layer norm); the local-MI arm adds a
+# separable critic, whose temperature is read outside the critic's forward.
+LOCAL_MI = [
+    "objectives=[{name: local_mi, weight: 1.0, critic: {kind: separable, dim: 16}}]",
+]
 CONVNEXT = [
     "model.encoders.image.tower.name=convnext_atto",
     "model.encoders.image.tower.params={}",
@@ -134,7 +137,9 @@ CONVNEXT = [
 
 
 @pytest.mark.parametrize(
-    ("stage", "tower"), [(2, []), (3, CONVNEXT)], ids=["zero2-vit", "zero3-convnext"]
+    ("stage", "tower"),
+    [(2, []), (3, []), (3, CONVNEXT), (3, LOCAL_MI)],
+    ids=["zero2-vit", "zero3-vit", "zero3-convnext", "zero3-vit-local-mi"],
 )
 def test_two_rank_zero_equals_one_process_and_exports(tmp_path, cache, stage, tower):
     from safetensors.torch import load_file

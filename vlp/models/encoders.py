@@ -22,7 +22,7 @@ tower). A new encoder is one class plus ``@register("encoder", name, config=...)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -40,8 +40,7 @@ IMAGE_SIZE_PARAMS = ("img_size", "image_size")
 DEFAULT_ENCODERS = {"image": {"kind": "image"}, "text": {"kind": "text"}}
 
 
-@dataclass(frozen=True)
-class TokenSegment:
+class TokenSegment(NamedTuple):
     """A run of local tokens that come from one view at one time step, on one grid."""
 
     view: str
@@ -55,9 +54,10 @@ class TokenSegment:
         return self.start + self.grid[0] * self.grid[1]
 
 
-@dataclass
-class ImageEncoding:
-    """Raw output of an image encoder (before the model's projection heads)."""
+class ImageEncoding(NamedTuple):
+    """Raw output of an image encoder (before the model's projection heads). Named tuples
+    (this and :class:`TokenSegment`), so that ZeRO-3 finds the output tensors it hooks
+    for backward (see ``vlp.models.image.ImageTowerOutput``)."""
 
     pooled: torch.Tensor  # B×Cg
     local: torch.Tensor  # B×R×Cl, R = sum of the segments' grid sizes

@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -191,8 +192,15 @@ def load_local_weights(module: nn.Module, path: str, strip_prefixes=("module.",)
 # --------------------------------------------------------------------------- towers
 
 
-@dataclass
-class ImageTowerOutput:
+class ImageTowerOutput(NamedTuple):
+    """What a tower returns. A named tuple, not a dataclass: ZeRO-3 attaches its
+    pre-backward hooks (which gather a module's partitioned parameters again before its
+    backward) to the tensors of the module's output, and it finds tensors in tuples, not
+    in dataclasses. A timm ViT entered through ``forward_features`` has no hooked call of
+    its own around ``pos_embed``/``cls_token``; without tensors in the tower's output
+    their gradients met the partitioned (empty) parameters: "The size of tensor a (0)
+    must match the size of tensor b (192)" in backward."""
+
     global_features: torch.Tensor  # B×Cg
     local_features: torch.Tensor  # B×R×Cl
     grid: tuple[int, int]

@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlp import distributed
+from vlp.models.heads import LogitScale
 from vlp.objectives.base import (
     FeatureDims,
     Objective,
@@ -280,11 +281,12 @@ class SeparableCritic(Critic):
         self.normalize = cfg.normalize
         if cfg.temperature <= 0:
             raise ValueError("critic temperature must be positive")
-        log_scale = torch.tensor([-math.log(cfg.temperature)])
-        if cfg.learn_temperature:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+        # A module, called for the scale, not a parameter read directly: under ZeRO-3 a
+        # parameter is gathered only inside its owner's forward (and this one is also read
+        # in the checkpointed recomputation during backward). Clamped at 100 as CLIP's
+        # logit scale, so the scores stay finite.
+        self.logit_scale = LogitScale(init=-math.log(cfg.temperature), max_log=math.log(100.0))
+        self.logit_scale.log_scale.requires_grad_(cfg.learn_temperature)
 
     def _embed(self, net, v):
         v = net(v)
@@ -297,8 +299,7 @@ class SeparableCritic(Critic):
         return self._embed(self.text_net, y)
 
     def scale(self) -> torch.Tensor:
-        # Clamped at 100 as CLIP's logit scale, so the scores stay finite.
-        return self.log_scale.clamp(max=math.log(100.0)).exp().squeeze(0)
+        return self.logit_scale()
 
     def combine(self, image_part, text_part):
         return (image_part * text_part).sum(-1) * self.scale()
