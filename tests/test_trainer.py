@@ -8,9 +8,7 @@ with TensorBoard's own reader.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.training import DEBUG, ENTRY, env_for, run_training
+
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY = str(ROOT / "tests" / "helpers" / "train_entry.py")
-DEBUG = str(ROOT / "recipes" / "debug.yaml")
 
 # A model without batch norm and without dropout, so 1 process and 2 ranks compute the same
 # function of the same global batch (batch-norm statistics would differ per rank).
@@ -31,68 +29,6 @@ NO_BN = [
     "objectives=[{name: clip, weight: 1.0}]",
     "model.encoders.text.tower.params={dropout: 0.0}",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(tmp_cache: Path) -> dict:
-    env = dict(os.environ)
-    env.update(
-        {
-            "VLP_CACHE": str(tmp_cache),
-            "OMP_NUM_THREADS": "1",
-            "DS_ACCELERATOR": "cpu",
-            "PYTHONPATH": str(ROOT),
-            "CUDA_VISIBLE_DEVICES": "",
-        }
-    )
-    for key in (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SLURM_JOB_ID",
-        "SLURM_PROCID",
-    ):
-        env.pop(key, None)
-    return env
-
-
-def run_training(
-    tmp_path: Path,
-    name: str,
-    *,
-    ranks: int = 1,
-    overrides: list[str] = (),
-    resume: str | None = None,
-    synthetic: int = 0,
-    run_dir: Path | None = None,
-    cache: Path,
-) -> list[dict]:
-    run_dir = run_dir or tmp_path / name
-    out = tmp_path / f"{name}.json"
-    args = [ENTRY, DEBUG, "--run-dir", str(run_dir), "--out", str(out)]
-    for item in overrides:
-        args += ["--set", item]
-    if resume:
-        args += ["--resume", resume]
-    if synthetic:
-        args += ["--synthetic", str(synthetic)]
-    if ranks == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args,
-        ]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(ranks)]
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +196,7 @@ def test_sigusr1_checkpoints_and_resume_auto_continues(tmp_path, cache):
         "train.log_every=1",
     ]
     proc = subprocess.Popen(
-        cmd, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, env=env_for(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 300
     log = run_dir / "log.txt"

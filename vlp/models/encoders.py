@@ -130,6 +130,23 @@ def tower_grad_checkpointing(tower: nn.Module, enable: bool, what: str) -> None:
         )
 
 
+def check_image_tower(tower: ImageTowerConfig, path: str, source, image_size: int) -> None:
+    """Load-time check of an image tower's config at ``path``: its parameters are valid
+    and none that sizes the input disagrees with ``data.image_size``."""
+    from vlp.config.loader import ConfigError
+
+    _, params = image_tower_config(tower, path, source)
+    for key in IMAGE_SIZE_PARAMS:
+        value = getattr(params, key, None)
+        if value is not None and value != image_size:
+            raise ConfigError(
+                source,
+                f"{path}.params.{key}",
+                f"{value} disagrees with data.image_size ({image_size}): a recipe has one "
+                "image size; set data.image_size only",
+            )
+
+
 @dataclass
 class ImageEncoderConfig:
     """One image tower on one view at one time step."""
@@ -166,18 +183,7 @@ class ImageEncoder(ImageEncoderBase):
 
     @classmethod
     def check(cls, config: ImageEncoderConfig, path: str, source, image_size: int) -> None:
-        from vlp.config.loader import ConfigError
-
-        _, params = image_tower_config(config.tower, f"{path}.tower", source)
-        for key in IMAGE_SIZE_PARAMS:
-            value = getattr(params, key, None)
-            if value is not None and value != image_size:
-                raise ConfigError(
-                    source,
-                    f"{path}.tower.params.{key}",
-                    f"{value} disagrees with data.image_size ({image_size}): a recipe has one "
-                    "image size; set data.image_size only",
-                )
+        check_image_tower(config.tower, f"{path}.tower", source, image_size)
 
     def no_weight_decay(self) -> set[str]:
         return {f"tower.{n}" for n in self.tower.no_weight_decay()}
