@@ -21,10 +21,20 @@ Arms:
 ``local_mi_paper``
     Local MI with the paper's concatenation critic and max over regions
     (``recipes/local_mi_paper.yaml``), to show what does not learn.
+``biovil_l``
+    The ``clip`` arm plus BioViL-L's local word-region alignment (``recipes/biovil_l.yaml``'s
+    objectives, words projected to the local width).
+``biovil_t``
+    The ``clip`` arm with BioViL-T's multi-image encoder (``recipes/biovil_t.yaml``): the
+    demo's CNN on the current frontal and its prior, fused (width 128, 3 blocks, 4 heads).
 ``recipes/demo.yaml`` is the ``local_mi_cpc`` arm.
 
+Every arm is also evaluated on temporal progression (``vlp eval temporal``: a linear SVM
+on [current, prior] global embeddings, cross-validated macro-accuracy per finding).
+
 Liao et al.'s orderings to check: local MI grounds better than global MI and CLIP;
-local MI's edema ordinal AUCs are at least global MI's.
+local MI's edema ordinal AUCs are at least global MI's. Issue 13's: ``biovil_l`` grounds
+better than ``clip`` (BioViL global); ``biovil_t`` beats ``clip`` on temporal progression.
 
     python benchmarks/learning.py --out runs/learning --minutes 10
 """
@@ -39,11 +49,26 @@ from pathlib import Path
 
 LOCAL = "{name: local_mi, weight: 1.0, estimator: %s}"
 GLOBAL = "{name: global_mi, weight: 1.0, estimator: %s}"
+CLIP = [
+    "objectives=[{name: clip, weight: 1.0}]",
+    "model.global_head=mean_local",
+    "model.local_dim=768",
+]
 ARMS = {
-    "clip": [
-        "objectives=[{name: clip, weight: 1.0}]",
-        "model.global_head=mean_local",
-        "model.local_dim=768",
+    "clip": CLIP,
+    "biovil_l": [
+        *CLIP,
+        "model.word_dim=768",
+        "objectives=[{name: clip, weight: 1.0}, {name: local_alignment, weight: 1.0}]",
+    ],
+    "biovil_t": [
+        *CLIP,
+        "model.encoders.image.kind=biovil_t",
+        "model.encoders.image.dim=128",
+        "model.encoders.image.heads=4",
+        "data.priors=1",
+        "data.prior_views=[frontal]",
+        "data.prior_text=false",
     ],
     "global_mi_cpc": [f"objectives=[{GLOBAL % 'cpc'}]"],
     "global_mi_mine": [f"objectives=[{GLOBAL % 'mine'}]"],
@@ -54,6 +79,8 @@ ARMS = {
         "critic: {kind: concat, hidden_dims: [512, 256]}}]"
     ],
 }
+#: the progression findings the phantom labels.
+TEMPORAL_FINDINGS = ("pleural_effusion", "edema", "consolidation", "pneumothorax")
 COLUMNS = (
     "zero-shot AUROC Pleural Effusion",
     "zero-shot AUROC Cardiomegaly",
@@ -69,6 +96,8 @@ COLUMNS = (
     "edema ordinal AUC 0v123",
     "edema ordinal AUC 01v23",
     "edema ordinal AUC 012v3",
+    *(f"temporal macro-accuracy {f}" for f in TEMPORAL_FINDINGS),
+    "temporal mean macro-accuracy",
 )
 
 
@@ -108,6 +137,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vlp.demo import _phantom_shards, plan, run_demo
+    from vlp.evaluation import run_evaluator
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,9 +153,22 @@ def main() -> None:
             out / name, minutes=args.minutes, extra_overrides=overrides, shards=shards
         )
         retrieval = json.loads((out / name / "eval" / "retrieval" / "results.json").read_text())
+        metrics, cis = dict(summary["metrics"]), dict(summary["intervals"])
+        temporal = run_evaluator(
+            "temporal",
+            out / name / "run" / "export",
+            shards / "test",
+            out / name / "eval" / "temporal",
+            bootstrap=p.bootstrap,
+        )
+        for finding in TEMPORAL_FINDINGS:
+            entry = temporal["macro_accuracy"].get(finding, {})
+            metrics[f"temporal macro-accuracy {finding}"] = entry.get("value", math.nan)
+            cis[f"temporal macro-accuracy {finding}"] = entry.get("ci")
+        metrics["temporal mean macro-accuracy"] = temporal["mean_macro_accuracy"]
         table[name] = {
-            "metrics": summary["metrics"],
-            "intervals": summary["intervals"],
+            "metrics": metrics,
+            "intervals": cis,
             "elapsed_s": summary["elapsed_s"],
             "steps": p.steps,
             "chance_R@5": retrieval.get("chance_R@5"),

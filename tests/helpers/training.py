@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = str(ROOT / "tests" / "helpers" / "train_entry.py")
 DEBUG = str(ROOT / "recipes" / "debug.yaml")
@@ -79,3 +81,43 @@ def run_training(
     proc = subprocess.run(cmd, env=env_for(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(ranks)]
+
+
+#: a recipe shrunk to seconds: tiny towers and phantom, 64 px, no augmentation.
+SMALL = [
+    "model.encoders.image.tower.name=resnet18",
+    "model.encoders.text.tower.name=tiny",
+    "data.image_size=64",
+    "data.batch_size=4",
+    "data.workers=0",
+    "data.augment.enabled=false",
+    "data.phantom={patients: 24, seed: 0, image_size: 128}",
+    "train.log_every=1",
+    "checkpoint.every=2",
+]
+
+
+def check_trains_and_resumes(tmp_path: Path, cache: Path, recipe: str, extra=()) -> Path:
+    """Train ``recipe`` (shrunk by :data:`SMALL` and ``extra``) 4 steps straight, and 2 + 2
+    steps with ``--resume auto``; the losses must agree to 1e-6 and move. Returns the
+    resumed run's directory."""
+    small = [*SMALL, *extra]
+    kw = dict(cache=cache, recipe=recipe)
+    full = run_training(tmp_path, "full", overrides=[*small, "train.steps=4"], **kw)
+    run_dir = tmp_path / "split"
+    first = run_training(
+        tmp_path, "first", overrides=[*small, "train.steps=2"], run_dir=run_dir, **kw
+    )
+    second = run_training(
+        tmp_path,
+        "second",
+        overrides=[*small, "train.steps=4"],
+        resume="auto",
+        run_dir=run_dir,
+        **kw,
+    )
+    assert first[0]["steps"] == [1, 2] and second[0]["steps"] == [3, 4]
+    resumed = first[0]["losses"] + second[0]["losses"]
+    assert resumed == pytest.approx(full[0]["losses"], abs=1e-6), (resumed, full[0]["losses"])
+    assert len(set(full[0]["losses"])) == 4, "training did not move"
+    return run_dir

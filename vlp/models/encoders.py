@@ -237,6 +237,11 @@ class TextEncoder(Encoder):
     def encode_sentences(self, input_ids, attention_mask) -> torch.Tensor:
         return self.tower.encode_sentences(input_ids, attention_mask)
 
+    def encode_words(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states ``N×L×H`` and the mask of real words ``N×L`` (no special tokens)."""
+        states = self.tower.encode_tokens(input_ids, attention_mask)
+        return states, self.tower.word_mask(input_ids, attention_mask)
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tower.tokenize(texts)
 

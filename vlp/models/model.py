@@ -58,6 +58,15 @@ class ModelConfig:
     #: ``pool`` (project the tower's pooled feature) or ``mean_local`` (mean of the projected
     #: local features, BioViL's; needs embed_dim == local_dim).
     global_head: str = "pool"
+    #: width of the projected report tokens (``report_words``, through the local head's
+    #: shape), for word–region objectives; None builds no word head.
+    word_dim: int | None = None
+
+
+#: features of the report's words: projected token states B×L×Dw and their mask B×L.
+TEXT_WORD_KEYS = ("report_words", "report_word_mask")
+#: the text features computed from each tokenised text kind of the batch.
+TEXT_FEATURES = {"report": ("report", *TEXT_WORD_KEYS), "sentence": ("sentence",)}
 
 
 def image_feature_keys(name: str) -> tuple[str, str, str, str]:
@@ -70,7 +79,10 @@ def produced_features(cfg: ModelConfig) -> dict[str, str]:
     produced = {}
     for name, (kind, _) in encoder_specs(cfg.encoders).items():
         modality = get("encoder", kind).builder.modality
-        keys = image_feature_keys(name) if modality == "image" else ("report", "sentence")
+        if modality == "image":
+            keys = image_feature_keys(name)
+        else:
+            keys = ("report", "sentence", *(TEXT_WORD_KEYS if cfg.word_dim else ()))
         for key in keys:
             if key in produced:
                 raise ValueError(
@@ -127,6 +139,10 @@ class VLPModel(nn.Module):
             sentence_out = (
                 self.heads["sentence"] if "sentence" in self.heads else self.heads["report"]
             ).out_dim
+            if cfg.word_dim:
+                self.heads["report_words"] = ProjectionHead(
+                    width, cfg.word_dim, local_cfg, "model.local_projection"
+                )
         # Objectives size their modules from the primary (first) image encoder's widths.
         first = image_feature_keys(self.image_encoders[0]) if self.image_encoders else None
         embed = self.heads[first[0]].out_dim if first else cfg.embed_dim
@@ -195,7 +211,7 @@ class VLPModel(nn.Module):
             if need is None:
                 if self.text is None or ids not in batch:
                     continue
-            elif kind not in need:
+            elif not need & set(TEXT_FEATURES[kind]):
                 continue
             elif self.text is None or ids not in batch:
                 raise KeyError(
@@ -204,7 +220,13 @@ class VLPModel(nn.Module):
                 )
             tokens, mask, index = current_text(batch, kind)
             if kind == "report":
-                features["report"] = self.heads["report"](self.text.encode_reports(tokens, mask))
+                if need is None or "report" in need:
+                    pooled = self.text.encode_reports(tokens, mask)
+                    features["report"] = self.heads["report"](pooled)
+                if "report_words" in self.heads and (need is None or "report_words" in need):
+                    states, words = self.text.encode_words(tokens, mask)
+                    features["report_words"] = self.heads["report_words"](states)
+                    features["report_word_mask"] = words
             else:
                 features["sentence"] = self._sentence_embeddings(tokens, mask)
                 features["sentence_index"] = index

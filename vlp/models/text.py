@@ -204,6 +204,20 @@ class TextTower(nn.Module):
     def encode_reports(self, input_ids, attention_mask) -> torch.Tensor:
         return self(input_ids, attention_mask, self.pooling)
 
+    def encode_tokens(self, input_ids, attention_mask) -> torch.Tensor:
+        """``N×L`` token ids → ``N×L×H`` last-layer token states (no pooling, no cache)."""
+        if input_ids.shape[0] == 0:
+            anchor = next(self.parameters())
+            return anchor.new_zeros(0, input_ids.shape[1], self.hidden_size) + 0 * anchor.sum()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def word_mask(self, input_ids, attention_mask) -> torch.Tensor:
+        """bool ``N×L``: the real words of each text (attention mask without the
+        tokenizer's special tokens such as [CLS] and [SEP])."""
+        special = torch.tensor(sorted(self.tokenizer.all_special_ids), device=input_ids.device)
+        return attention_mask.bool() & ~torch.isin(input_ids, special)
+
     def encode_sentences(self, input_ids, attention_mask) -> torch.Tensor:
         return self(input_ids, attention_mask, self.sentence_pooling)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vlp.data.requirements import TEXT_KINDS, Requirements
-from vlp.models.model import FeatureDims
+from vlp.models.model import TEXT_FEATURES, FeatureDims
 from vlp.registry import build
 
 
@@ -65,7 +65,7 @@ class Objective(nn.Module):
         and its label fields (checked against the data section at load time)."""
         features = cls.features_needed(config)
         return Requirements(
-            text=frozenset(k for k in TEXT_KINDS if k in features),
+            text=frozenset(k for k in TEXT_KINDS if features & set(TEXT_FEATURES[k])),
             fields=frozenset(cls.fields_needed(config)),
         )
 
