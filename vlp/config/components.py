@@ -27,15 +27,17 @@ def component_needs(cfg, source: str | None = None) -> list[tuple[str, Requireme
     needs are produced."""
     from vlp import registry
     from vlp.models.encoders import encoder_specs
-    from vlp.models.model import produced_features
+    from vlp.models.model import produced_features, series_key
 
     needs: list[tuple[str, Requirements]] = []
+    by_encoder: dict[str, Requirements] = {}
     for name, (kind, params) in encoder_specs(cfg.model.encoders).items():
         path = f"model.encoders.{name}"
         config = registry.config_of("encoder", kind, params, path, source)
         encoder_cls = registry.get("encoder", kind).builder
         encoder_cls.check(config, path, source, cfg.data.image_size)
-        needs.append((f"{path} ({kind})", encoder_cls.requirements(config)))
+        by_encoder[name] = encoder_cls.requirements(config)
+        needs.append((f"{path} ({kind})", by_encoder[name]))
 
     try:
         produced = produced_features(cfg.model)
@@ -55,7 +57,17 @@ def component_needs(cfg, source: str | None = None) -> list[tuple[str, Requireme
                 f"objective {spec.name!r} needs the feature(s) {missing}, which no encoder of "
                 f"model.encoders produces (encoders: {', '.join(encoders)})",
             )
-        needs.append((f"{path} ({spec.name})", objective_cls.requirements(config)))
+        need = objective_cls.requirements(config)
+        needs.append((f"{path} ({spec.name})", need))
+        for name, encoder_need in by_encoder.items():
+            if series_key(name) in features:
+                # Encoder `name` runs at every prior step: its views (and its own priors)
+                # are read there too.
+                reach = Requirements(
+                    priors=need.priors + encoder_need.priors,
+                    prior_views=encoder_need.views | encoder_need.prior_views,
+                )
+                needs.append((f"{path} ({spec.name}, {series_key(name)})", reach))
     return needs
 
 

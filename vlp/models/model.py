@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vlp.data.batch import current_text
+from vlp.data.batch import at_time, current_text
 from vlp.data.requirements import Requirements
 from vlp.models.encoders import Encoder, ImageEncoding, encoder_specs
 from vlp.models.heads import HeadConfig, ProjectionHead
@@ -63,10 +63,25 @@ class ModelConfig:
     word_dim: int | None = None
 
 
+#: the reports of every time step, projected: B×T×D (rows of absent studies or undecoded
+#: prior text are embeddings of empty text; ``batch["text_mask"]`` says which are real).
+REPORT_SERIES = "report_series"
+
+
+def series_key(name: str) -> str:
+    """Feature key of image encoder ``name``'s global embedding at every time step, B×T×D:
+    step t is the encoder run on the batch seen from t (``vlp.data.batch.at_time``); steps
+    whose own priors are beyond the batch are zeros."""
+    return f"{name}_global_series"
+
+
 #: features of the report's words: projected token states B×L×Dw and their mask B×L.
 TEXT_WORD_KEYS = ("report_words", "report_word_mask")
 #: the text features computed from each tokenised text kind of the batch.
-TEXT_FEATURES = {"report": ("report", *TEXT_WORD_KEYS), "sentence": ("sentence",)}
+TEXT_FEATURES = {
+    "report": ("report", REPORT_SERIES, *TEXT_WORD_KEYS),
+    "sentence": ("sentence",),
+}
 
 
 def image_feature_keys(name: str) -> tuple[str, str, str, str]:
@@ -80,9 +95,10 @@ def produced_features(cfg: ModelConfig) -> dict[str, str]:
     for name, (kind, _) in encoder_specs(cfg.encoders).items():
         modality = get("encoder", kind).builder.modality
         if modality == "image":
-            keys = image_feature_keys(name)
+            keys = (*image_feature_keys(name), series_key(name))
         else:
-            keys = ("report", "sentence", *(TEXT_WORD_KEYS if cfg.word_dim else ()))
+            words = TEXT_WORD_KEYS if cfg.word_dim else ()
+            keys = ("report", "sentence", REPORT_SERIES, *words)
         for key in keys:
             if key in produced:
                 raise ValueError(
@@ -203,6 +219,8 @@ class VLPModel(nn.Module):
             keys = image_feature_keys(name)
             if need is None or need & set(keys):
                 features.update(self._project_image(name, self.encoders[name](batch)))
+            if need is not None and series_key(name) in need:
+                features[series_key(name)] = self._global_series(name, batch, features)
         if "study_id" in batch:
             study = batch["study_id"]
             features["study_id"] = study[:, 0] if study.dim() == 2 else study
@@ -218,6 +236,10 @@ class VLPModel(nn.Module):
                     f"an objective needs {kind} features but the batch has no {ids} (or the "
                     "model has no text encoder)"
                 )
+            if kind == "report" and need is not None and REPORT_SERIES in need:
+                rows = self.text.encode_reports(batch[ids], batch["report_attention_mask"])
+                steps = batch["study_mask"].shape[1]
+                features[REPORT_SERIES] = self.heads["report"](rows).unflatten(0, (-1, steps))
             tokens, mask, index = current_text(batch, kind)
             if kind == "report":
                 if need is None or "report" in need:
@@ -231,6 +253,22 @@ class VLPModel(nn.Module):
                 features["sentence"] = self._sentence_embeddings(tokens, mask)
                 features["sentence_index"] = index
         return features
+
+    def _global_series(self, name: str, batch: dict, features: dict) -> torch.Tensor:
+        """``series_key(name)``: the encoder on the batch seen from each time step."""
+        encoder = self.encoders[name]
+        reach = type(encoder).requirements(encoder.config).priors
+        global_key = image_feature_keys(name)[0]
+        steps = []
+        for t in range(batch["study_mask"].shape[1]):
+            if t == 0 and global_key in features:
+                steps.append(features[global_key])
+            elif t + reach < batch["study_mask"].shape[1]:
+                encoding = encoder(at_time(batch, t))
+                steps.append(self._project_image(name, encoding)[global_key])
+            else:
+                steps.append(torch.zeros_like(steps[0]))
+        return torch.stack(steps, 1)
 
     def encode_image(self, images, encoder: str | None = None) -> dict:
         """A batch dict (the encoder reads the views it declares) or uint8 ``B×1×H×W``
