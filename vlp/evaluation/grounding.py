@@ -53,6 +53,22 @@ from vlp.evaluation.features import (
 from vlp.evaluation.report import Table, write_results
 
 CNR_EPS = 1e-8
+
+
+def frontal_tokens(feats: dict) -> dict:
+    """The image features with the local tokens of the current frontal view only (boxes
+    are drawn on it): an encoder whose layout holds more segments (a lateral, a prior) is
+    grounded on its frontal segment."""
+    layout = feats.get("image_layout") or ()
+    if len(layout) <= 1:
+        return feats
+    for segment in layout:
+        if segment.view == "frontal" and segment.time == 0:
+            local = feats["image_local"][:, segment.start : segment.stop]
+            return dict(feats, image_local=local, image_grid=segment.grid)
+    raise ValueError("grounding: the image encoder's layout has no current frontal segment")
+
+
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.1, 1.0, 0.1), 2))
 FIGURE_SAMPLES = 8
 
@@ -199,7 +215,7 @@ def evaluate(
                 index.append(b)
         if not targets:
             continue
-        feats = image_features(model, batch, device)
+        feats = frontal_tokens(image_features(model, batch, device))
         gh, gw = feats["image_grid"]
         text = text_embeddings(model, [t["phrase"] for t in targets], kind).to(device)
         # Region scores T×R: target t is phrase t on image index[t].
