@@ -122,10 +122,5 @@ def test_local_alignment_without_a_word_head_fails_at_load(tmp_path):
     )
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("vlp-cache")
-
-
-def test_biovil_l_trains_under_deepspeed_and_resumes_exactly(tmp_path, cache):
-    check_trains_and_resumes(tmp_path, cache, str(ROOT / "recipes" / "biovil_l.yaml"))
+def test_biovil_l_trains_under_deepspeed_and_resumes_exactly(tmp_path, phantom_cache):
+    check_trains_and_resumes(tmp_path, phantom_cache, str(ROOT / "recipes" / "biovil_l.yaml"))

@@ -72,12 +72,7 @@ def test_the_frontal_expert_is_the_vits_own_forward():
     assert block.mlp.fc1.weight.data_ptr() != expert["mlp"].fc1.weight.data_ptr()
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("vlp-cache")
-
-
-def test_move_trains_under_zero3_and_resumes_exactly(tmp_path, cache):
+def test_move_trains_under_zero3_and_resumes_exactly(tmp_path, phantom_cache):
     extra = [
         "model.encoders.image={kind: move, tower: {name: vit_tiny_patch16_224}}",
         "model.global_head=pool",
@@ -85,7 +80,7 @@ def test_move_trains_under_zero3_and_resumes_exactly(tmp_path, cache):
         "data.image_size=32",
         "deepspeed.zero_stage=3",
     ]
-    check_trains_and_resumes(tmp_path, cache, str(ROOT / "recipes" / "biovil.yaml"), extra)
+    check_trains_and_resumes(tmp_path, phantom_cache, str(ROOT / "recipes" / "biovil.yaml"), extra)
 
 
 def test_grounding_reads_the_current_frontal_segment_of_a_two_view_encoding():

@@ -104,24 +104,19 @@ def test_recipe_declares_the_prior_and_the_global_head():
     assert cfg.model.embed_dim == 128
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("vlp-cache")
-
-
-def test_biovil_t_trains_under_deepspeed_and_resumes_exactly(tmp_path, cache):
+def test_biovil_t_trains_under_deepspeed_and_resumes_exactly(tmp_path, phantom_cache):
     small = [
         "model.encoders.image.dim=16",
         "model.encoders.image.heads=2",
         "model.encoders.image.depth=1",
     ]
     run_dir = check_trains_and_resumes(
-        tmp_path, cache, str(ROOT / "recipes" / "biovil_t.yaml"), small
+        tmp_path, phantom_cache, str(ROOT / "recipes" / "biovil_t.yaml"), small
     )
     # The temporal evaluator reads the model's requirements: the prior study is encoded
     # with its own prior (T = 3 in the evaluation loader).
     from vlp.evaluation import run_evaluator
 
-    train = next(cache.glob("phantom-*/shards/train"))
+    train = next(phantom_cache.glob("phantom-*/shards/train"))
     results = run_evaluator("temporal", run_dir, train, tmp_path / "eval", bootstrap=10)
     assert 0 < results["with_prior"] < results["samples"]

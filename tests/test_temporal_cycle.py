@@ -142,15 +142,10 @@ def test_a_series_longer_than_the_data_fails_at_load(tmp_path):
         load_recipe(path)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("vlp-cache")
-
-
-def test_temporal_cycle_trains_under_deepspeed_and_resumes_exactly(tmp_path, cache):
+def test_temporal_cycle_trains_under_deepspeed_and_resumes_exactly(tmp_path, phantom_cache):
     extra = [
         "objectives=[{name: clip, weight: 1.0}, {name: temporal_cycle, weight: 1.0, series_length: 3}]",
         "data.priors=2",
         "data.prior_views=[frontal]",
     ]
-    check_trains_and_resumes(tmp_path, cache, str(ROOT / "recipes" / "biovil.yaml"), extra)
+    check_trains_and_resumes(tmp_path, phantom_cache, str(ROOT / "recipes" / "biovil.yaml"), extra)

@@ -72,11 +72,17 @@ def decode_radiograph(
     return image, draft_scale
 
 
+def _numeric_id(value) -> int | None:
+    """The digits of an id (``"50000012"``, ``"s50000012"``, 50000012) as an int, or None."""
+    digits = re.sub(r"\D", "", str(value)) if value is not None else ""
+    return int(digits) if digits else None
+
+
 def _study_id(record: dict, key: str) -> int:
     for candidate in (record.get("study_id"), key.rsplit("-s", 1)[-1] if "-s" in key else None):
-        digits = re.sub(r"\D", "", str(candidate)) if candidate is not None else ""
-        if digits:
-            return int(digits)
+        number = _numeric_id(candidate)
+        if number is not None:
+            return number
     raise SampleError(f"no numeric study id in json study_id={record.get('study_id')!r} or key")
 
 
@@ -220,11 +226,11 @@ class StudyDecoder:
             if record is not None:
                 raise SampleError(f"json priors[{k - 1}] must be an object")
             return _Step(False, -1, 0.0, {}, "", [], False)
-        digits = re.sub(r"\D", "", str(record.get("study_id") or ""))
         gap = record.get("gap_days")
+        number = _numeric_id(record.get("study_id"))
         step = _Step(
             present=True,
-            study_id=int(digits) if digits else -1,
+            study_id=-1 if number is None else number,
             gap_days=float(gap) if isinstance(gap, (int, float)) else 0.0,
             images={},
             report="",

@@ -242,7 +242,9 @@ class VLPModel(nn.Module):
                 features[REPORT_SERIES] = self.heads["report"](rows).unflatten(0, (-1, steps))
             tokens, mask, index = current_text(batch, kind)
             if kind == "report":
-                if need is None or "report" in need:
+                if REPORT_SERIES in features:  # the current reports are its first step
+                    features["report"] = features[REPORT_SERIES][:, 0]
+                elif need is None or "report" in need:
                     pooled = self.text.encode_reports(tokens, mask)
                     features["report"] = self.heads["report"](pooled)
                 if "report_words" in self.heads and (need is None or "report_words" in need):

@@ -156,15 +156,19 @@ class TextTower(nn.Module):
                 f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
             )
         if input_ids.shape[0] == 0:
-            # HF models reject empty batches; keep the graph connected for DDP.
-            anchor = next(self.parameters())
-            return anchor.new_zeros(0, self.hidden_size) + 0 * anchor.sum()
+            return self._empty(0, self.hidden_size)
         if self.frozen:
             with torch.no_grad():
                 if self.frozen_cache_size:
                     return self._cached(input_ids, attention_mask, pooling)
                 return self._pool(input_ids, attention_mask, pooling)
         return self._pool(input_ids, attention_mask, pooling)
+
+    def _empty(self, *shape: int) -> torch.Tensor:
+        """Zeros of ``shape`` for an empty batch (HF models reject one), connected to the
+        parameters so that DDP/DeepSpeed still reduce a (zero) gradient for each."""
+        anchor = next(self.parameters())
+        return anchor.new_zeros(shape) + 0 * anchor.sum()
 
     def _cached(self, input_ids, attention_mask, pooling: str) -> torch.Tensor:
         """Pooled embeddings through an LRU cache keyed by (pooling, unpadded token ids).
@@ -207,8 +211,7 @@ class TextTower(nn.Module):
     def encode_tokens(self, input_ids, attention_mask) -> torch.Tensor:
         """``N×L`` token ids → ``N×L×H`` last-layer token states (no pooling, no cache)."""
         if input_ids.shape[0] == 0:
-            anchor = next(self.parameters())
-            return anchor.new_zeros(0, input_ids.shape[1], self.hidden_size) + 0 * anchor.sum()
+            return self._empty(0, input_ids.shape[1], self.hidden_size)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
