@@ -115,8 +115,12 @@ def test_biovil_t_trains_under_deepspeed_and_resumes_exactly(tmp_path, phantom_c
     )
     # The temporal evaluator reads the model's requirements: the prior study is encoded
     # with its own prior (T = 3 in the evaluation loader).
+    from vlp.data.phantom_cache import phantom_shards
     from vlp.evaluation import run_evaluator
 
-    train = next(phantom_cache.glob("phantom-*/shards/train"))
+    # The shards this run trained on (the cache holds one phantom per priors setting).
+    data = load_recipe(run_dir / "config.yaml").data
+    folder = phantom_shards(data.phantom, priors=data.priors, root=phantom_cache)
+    train = folder / "shards" / "train"
     results = run_evaluator("temporal", run_dir, train, tmp_path / "eval", bootstrap=10)
     assert 0 < results["with_prior"] < results["samples"]

@@ -45,7 +45,8 @@ def _fingerprint(phantom_cfg, priors: int) -> str:
 
 
 def phantom_shards(phantom_cfg, priors: int = 1, root: Path | None = None, log=print) -> Path:
-    """Folder with ``train/ validate/ test/`` phantom shards for this config (built once)."""
+    """Folder holding ``shards/{train,validate,test}`` (and the ``raw`` phantom) for this
+    config, built once."""
     root = Path(root) if root is not None else cache_root()
     folder = root / f"phantom-{_fingerprint(phantom_cfg, priors)}"
     if (folder / READY).is_file():
