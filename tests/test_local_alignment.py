@@ -124,3 +124,110 @@ def test_local_alignment_without_a_word_head_fails_at_load(tmp_path):
 
 def test_biovil_l_trains_under_deepspeed_and_resumes_exactly(tmp_path, phantom_cache):
     check_trains_and_resumes(tmp_path, phantom_cache, str(ROOT / "recipes" / "biovil_l.yaml"))
+
+
+# ---------------------------------------------------------------- Med-ST's weighted variant
+
+
+@torch.no_grad()
+def _loop_weighted_direction(queries, qmask, keys, kmask, weighting, tau):
+    """One direction of Med-ST's token loss for one sample, token by token (float64)."""
+    q = [queries[i].double() / queries[i].double().norm() for i in range(len(qmask)) if qmask[i]]
+    k = [keys[j].double() / keys[j].double().norm() for j in range(len(kmask)) if kmask[j]]
+    contexts = []
+    for word in q:
+        a = torch.softmax(torch.stack([word @ key / tau for key in k]), 0)
+        c = sum(w * key for w, key in zip(a, k))
+        contexts.append(c / c.norm())
+    a = [(word * c) / (word * c).norm() for word, c in zip(q, contexts)]
+    mean = sum(a) / len(a)
+    # nn.MultiheadAttention's attention of one query: in-projections, scaled dot products.
+    w_q, w_k, _ = weighting.in_proj_weight.double().chunk(3)
+    b_q, b_k, _ = weighting.in_proj_bias.double().chunk(3)
+    query = w_q @ mean + b_q
+    scores = torch.stack([(query @ (w_k @ x + b_k)) / math.sqrt(len(query)) for x in a])
+    weights = torch.softmax(scores, 0)
+    total = 0.0
+    for n, word in enumerate(q):
+        row = torch.stack([word @ c / tau for c in contexts])
+        column = torch.stack([other @ contexts[n] / tau for other in q])
+        ce_row = torch.logsumexp(row, 0) - row[n]
+        ce_column = torch.logsumexp(column, 0) - column[n]
+        total += float(weights[n]) * float(ce_row + ce_column) / 2
+    return total
+
+
+def _weighted_features(g, absent_lateral=(2,)):
+    from vlp.models.encoders import TokenSegment
+
+    words = torch.randn(3, 5, 8, generator=g)
+    word_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    patches = torch.randn(3, 6, 8, generator=g)  # 4 frontal + 2 lateral tokens
+    layout = (TokenSegment("frontal", 0, 0, (2, 2)), TokenSegment("lateral", 0, 4, (1, 2)))
+    lateral = torch.tensor([[i not in absent_lateral] for i in range(3)])
+    batch = {
+        "keys": ["a", "b", "c"],
+        "view_mask": {"frontal": torch.ones(3, 1, dtype=torch.bool), "lateral": lateral},
+    }
+    features = {
+        "image_local": patches,
+        "image_layout": layout,
+        "report_words": words,
+        "report_word_mask": word_mask,
+    }
+    return features, batch
+
+
+def test_weighted_local_alignment_matches_a_token_by_token_loop():
+    objective = build_objective(
+        ObjectiveSpec("weighted_local_alignment", 1.0, {}), FeatureDims(8, 8, 8)
+    )
+    features, batch = _weighted_features(torch.Generator().manual_seed(2))
+    out = objective(features, batch)
+    words, wmask = features["report_words"], features["report_word_mask"]
+    patches = features["image_local"]
+    total = 0.0
+    for i in range(3):
+        pmask = torch.ones(6, dtype=torch.bool)
+        if i == 2:
+            pmask[4:] = False  # sample 2 has no lateral: its lateral patches are left out
+        word = _loop_weighted_direction(
+            words[i], wmask[i], patches[i], pmask, objective.word_weighting, 0.1
+        )
+        patch = _loop_weighted_direction(
+            patches[i], pmask, words[i], wmask[i], objective.patch_weighting, 0.1
+        )
+        total += (word + patch) / 2
+    assert out.losses["local"].item() == pytest.approx(total / 3, abs=1e-5)
+    # Gradients are finite despite padded words and absent views, and reach the weighting.
+    out.losses["local"].backward()
+    grad = objective.word_weighting.in_proj_weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_weighted_local_alignment_leaves_absent_views_out_and_rewards_alignment():
+    objective = build_objective(
+        ObjectiveSpec("weighted_local_alignment", 1.0, {}), FeatureDims(8, 8, 8)
+    )
+    features, batch = _weighted_features(torch.Generator().manual_seed(3))
+    loss = float(objective(features, batch).losses["local"])
+    # Whatever an absent lateral's tokens hold, the loss is the same.
+    noisy = dict(features, image_local=features["image_local"].clone())
+    noisy["image_local"][2, 4:] = 100.0
+    assert float(objective(noisy, batch).losses["local"]) == pytest.approx(loss, abs=1e-6)
+    # ... unless the recipe follows MedST's code and keeps them.
+    keeping = build_objective(
+        ObjectiveSpec("weighted_local_alignment", 1.0, {"mask_absent_views": False}),
+        FeatureDims(8, 8, 8),
+    )
+    keeping.load_state_dict(objective.state_dict())
+    assert float(keeping(noisy, batch).losses["local"]) != pytest.approx(loss, abs=1e-3)
+    # Words that are copies of distinct patches of their own image pair better than
+    # words that all look alike.
+    patches = features["image_local"]
+    aligned = dict(
+        features, report_words=patches[:, :5], report_word_mask=torch.ones(3, 5, dtype=torch.bool)
+    )
+    alike = dict(aligned, report_words=patches[:, :1].expand(-1, 5, -1) + 0.01 * patches[:, :5])
+    assert objective(aligned, batch).losses["local"] < objective(alike, batch).losses["local"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.helpers.training import check_trains_and_resumes
+from vlp.config import load_recipe
 from vlp.data.batch import batch_from_images
 from vlp.models.image import ImageTowerConfig
 from vlp.models.move import MoVEConfig, MoVEEncoder
@@ -72,15 +73,26 @@ def test_the_frontal_expert_is_the_vits_own_forward():
     assert block.mlp.fc1.weight.data_ptr() != expert["mlp"].fc1.weight.data_ptr()
 
 
-def test_move_trains_under_zero3_and_resumes_exactly(tmp_path, phantom_cache):
-    extra = [
-        "model.encoders.image={kind: move, tower: {name: vit_tiny_patch16_224}}",
-        "model.global_head=pool",
-        "data.views=[frontal, lateral]",
-        "data.image_size=32",
-        "deepspeed.zero_stage=3",
+#: MoVE shrunk to a tiny ViT at 32 px (a 2×2 grid per view).
+TINY_MOVE = ["model.encoders.image.tower.name=vit_tiny_patch16_224", "data.image_size=32"]
+
+
+def test_move_recipe_trains_under_zero3_and_resumes_exactly(tmp_path, phantom_cache):
+    recipe = str(ROOT / "recipes" / "move.yaml")
+    assert load_recipe(recipe).deepspeed.zero_stage == 3
+    check_trains_and_resumes(tmp_path, phantom_cache, recipe, TINY_MOVE)
+
+
+def test_med_st_recipe_trains_under_zero3_and_resumes_exactly(tmp_path, phantom_cache):
+    recipe = str(ROOT / "recipes" / "med_st.yaml")
+    cfg = load_recipe(recipe)
+    assert cfg.deepspeed.zero_stage == 3 and cfg.data.priors == 3
+    assert [(o.name, o.weight) for o in cfg.objectives] == [
+        ("clip", 1.0),
+        ("weighted_local_alignment", 1.0),
+        ("temporal_cycle", 1.0),
     ]
-    check_trains_and_resumes(tmp_path, phantom_cache, str(ROOT / "recipes" / "biovil.yaml"), extra)
+    check_trains_and_resumes(tmp_path, phantom_cache, recipe, TINY_MOVE)
 
 
 def test_grounding_reads_the_current_frontal_segment_of_a_two_view_encoding():
