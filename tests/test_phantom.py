@@ -395,6 +395,95 @@ def test_every_effusion_in_the_dataset_brightens_its_box(dataset):
     assert min(diffs) > 3.0, diffs
 
 
+def _small_effusion() -> dict:
+    return {
+        "pleural_effusion": {
+            "type": "pleural_effusion",
+            "severity": 1,
+            "side": "right",
+            "lobe": None,
+            "params": {"height": 1.0, "meniscus": 0.4},
+        }
+    }
+
+
+def test_a_small_effusion_shows_on_the_lateral_view_only():
+    """The lateral-only finding: a severity-1 effusion leaves the frontal image unchanged
+    and brightens the posterior sulcus of the lateral."""
+    r = PatientRenderer(Anatomy(), 256)
+    for view, acq in (("frontal", Acquisition(view="PA", noise=0.0)),):
+        with_img, boxes = r.render(view, _small_effusion(), acq, 1.0)
+        without_img, _ = r.render(view, {}, acq, 1.0)
+        assert np.array_equal(with_img, without_img) and "pleural_effusion" not in boxes
+    acq = Acquisition(view="LATERAL", noise=0.0)
+    with_img, boxes = r.render("lateral", _small_effusion(), acq, 1.0)
+    without_img, _ = r.render("lateral", {}, acq, 1.0)
+    ((x, y, w, h),) = boxes["pleural_effusion"]
+    box = (slice(y, y + h), slice(x, x + w))
+    gain = with_img[box].astype(float).mean() - without_img[box].astype(float).mean()
+    assert gain > 5.0, gain
+    assert x + w / 2 > 0.5 * with_img.shape[1]  # posterior: the image right of a lateral
+
+
+def test_small_effusions_in_the_dataset_have_lateral_boxes_only(dataset):
+    _, _, truth = dataset
+    small = [
+        r for r in truth
+        if r["findings"].get("pleural_effusion", {}).get("severity") == 1
+    ]  # fmt: skip
+    assert small, "no small effusion with this seed"
+    for rec in small:
+        boxes = rec["findings"]["pleural_effusion"]["boxes"]
+        assert boxes.get("frontal", []) == []
+        assert (rec["views"]["lateral"] is not None) == bool(boxes.get("lateral"))
+        text = " ".join(s["text"] for s in rec["sentences"])
+        if rec["views"]["lateral"] is None:
+            assert "lateral view" not in text  # no report cites a view the study lacks
+
+
+#: how a finding's worsening shows in gray levels: opacities brighten, a pneumothorax darkens.
+PROGRESSION_SIGN = {"pleural_effusion": 1, "edema": 1, "consolidation": 1, "pneumothorax": -1}
+
+
+def test_images_change_with_the_progression_labels(dataset):
+    """Re-render each current frontal with one finding set back to the prior's state (same
+    patient, same acquisition, everything else equal): stable leaves the image unchanged,
+    worsening changes its region in the finding's direction, improving the other way."""
+    _, _, truth = dataset
+    by_id = {r["study_id"]: r for r in truth}
+    seen = {"worsening": 0, "improving": 0, "stable": 0}
+    for rec in truth:
+        if not rec["progression"]:
+            continue
+        prior = by_id[rec["prior_study_id"]]
+        now, now_masks = render_view(rec, "frontal")
+        for name, sign in PROGRESSION_SIGN.items():
+            label = rec["progression"][name]
+            if label is None:
+                continue
+            findings = {k: f for k, f in rec["findings"].items() if k != name}
+            if name in prior["findings"]:
+                findings[name] = prior["findings"][name]
+            then, then_masks = render_view({**rec, "findings": findings}, "frontal")
+            now_sev = rec["findings"].get(name, {}).get("severity", 0)
+            then_sev = prior["findings"].get(name, {}).get("severity", 0)
+            if label == "stable":
+                assert np.array_equal(now, then), (rec["study_id"], name)
+                seen[label] += 1
+                continue
+            region = now_masks.get(name, np.zeros(now.shape, bool)) | then_masks.get(
+                name, np.zeros(now.shape, bool)
+            )
+            if not region.any():  # lateral-only at both severities (small effusions)
+                assert name == "pleural_effusion" and max(now_sev, then_sev) <= 1
+                continue
+            change = float((now.astype(float) - then.astype(float))[region].mean())
+            direction = 1 if label == "worsening" else -1
+            assert sign * direction * change > 1.0, (rec["study_id"], name, label, change)
+            seen[label] += 1
+    assert all(seen.values()), seen
+
+
 def test_preview_writes_png(dataset, tmp_path):
     out, _, _ = dataset
     png = write_preview(out, tmp_path / "p.png", n_studies=2)

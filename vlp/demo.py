@@ -204,13 +204,15 @@ def _phantom_shards(out: Path, p: DemoPlan, t0: float) -> Path:
         convert_mimic,
         describe_summary,
     )
-    from vlp.data.phantom import PhantomConfig, generate, write_preview
+    from vlp.data.phantom import PHANTOM_VERSION, PhantomConfig, generate, write_preview
 
     _stage("1/5 phantom data", t0)
     phantom_cfg = PhantomConfig(patients=p.patients, seed=0, image_size=p.image_size, workers=2)
     phantom_dir = out / "phantom"
     marker = out / "phantom.done.json"
-    wanted = json.dumps({"patients": p.patients, "image_size": p.image_size, "seed": 0})
+    wanted = json.dumps(
+        {"patients": p.patients, "image_size": p.image_size, "seed": 0, "version": PHANTOM_VERSION}
+    )
     if marker.is_file() and marker.read_text() == wanted:
         print(f"reusing {phantom_dir}")
     else:

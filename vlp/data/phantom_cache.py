@@ -31,10 +31,12 @@ def cache_root() -> Path:
 
 def _fingerprint(phantom_cfg, priors: int) -> str:
     from vlp import __version__
+    from vlp.data.phantom import PHANTOM_VERSION
 
     payload = json.dumps(
         {
             "phantom": dataclasses.asdict(phantom_cfg),
+            "phantom_version": PHANTOM_VERSION,
             "priors": priors,
             "schema": SCHEMA_VERSION,
             "vlp": __version__,

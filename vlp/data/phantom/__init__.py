@@ -6,13 +6,26 @@ See ``generate.py`` for the layout and the other modules for anatomy, findings, 
 acquisition and tables.
 """
 
-from vlp.data.phantom.generate import (
+#: Version of what the generator draws and writes; bumped whenever the same config and seed
+#: would give other images or reports, so cached phantoms (``vlp.data.phantom_cache``, the
+#: demo's) are rebuilt. 2: small effusions are drawn on the lateral view only.
+PHANTOM_VERSION = 2
+
+from vlp.data.phantom.generate import (  # noqa: E402
     TRUTH_FILE,
     PhantomConfig,
     generate,
     read_truth,
     render_view,
 )
-from vlp.data.phantom.preview import write_preview
+from vlp.data.phantom.preview import write_preview  # noqa: E402
 
-__all__ = ["PhantomConfig", "generate", "write_preview", "read_truth", "render_view", "TRUTH_FILE"]
+__all__ = [
+    "PHANTOM_VERSION",
+    "PhantomConfig",
+    "generate",
+    "write_preview",
+    "read_truth",
+    "render_view",
+    "TRUTH_FILE",
+]

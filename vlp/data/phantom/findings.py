@@ -15,7 +15,10 @@ consecutive studies carry signal (improving / stable / worsening / new / resolve
 
 Appearance follows the radiographic signs (e.g. Felson's *Principles of Chest
 Roentgenology*): effusion fills the costophrenic angle first with a meniscus rising
-laterally (posterior sulcus on the lateral view); pneumothorax is a lucent rim without
+laterally (posterior sulcus on the lateral view), and a small one (severity 1) is drawn on
+the lateral view only: about 50 ml blunt the posterior costophrenic sulcus on a lateral
+film while the frontal needs about 200 ml to blunt the lateral angle (Felson; Blackmore et
+al., Radiology 1996), so it is the phantom's lateral-only finding; pneumothorax is a lucent rim without
 lung markings outside a visible visceral pleural line, largest at the apex; edema grades
 follow the severity scale of Chauhan et al. (MICCAI 2020): 1 vascular congestion
 (prominent hila and upper-zone vessels), 2 interstitial (Kerley B lines, haze), 3 alveolar
@@ -244,8 +247,14 @@ class Canvas:
         return sl, self.x[sl], self.y[sl]
 
 
+#: Effusions up to this severity are visible on the lateral view only (module docstring).
+LATERAL_ONLY_EFFUSION = 1
+
+
 def _effusion(c: Canvas, f: dict, k: float) -> None:
     a = c.a
+    if c.view == "frontal" and f["severity"] <= LATERAL_ONLY_EFFUSION:
+        return
     lung_h = a.base_y - a.apex_y
     frac = {1: 0.07, 2: 0.2, 3: 0.38}[f["severity"]] * f["params"]["height"]
     men = f["params"]["meniscus"]

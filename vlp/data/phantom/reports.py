@@ -247,13 +247,10 @@ def _phrase(rng, f: dict) -> dict:
             forms.append(f"{word} {side}-sided pleural effusion")
         core = f"{side} pleural {eff}"
         special = {
+            # A small effusion is drawn on the lateral view only (findings.py).
             1: [
-                f"Blunting of the {side} costophrenic angle is consistent with a small "
-                "pleural effusion."
-            ]
-            if not plural
-            else [
-                "Blunting of both costophrenic angles reflects small bilateral pleural effusions."
+                f"Blunting of the posterior costophrenic sulcus on the lateral view is "
+                f"consistent with a small {side} pleural {eff}, not seen on the frontal view."
             ],
             3: [
                 f"{_cap(word)} {side} pleural {eff} obscuring the "
@@ -577,6 +574,8 @@ def write_report(
                 body.append(sentence(text, kind, 1, {"Support Devices": 1}, i))
             continue
         slots = _phrase(rng, f)
+        if len(views) == 1:  # no lateral view to have seen a sign on
+            slots["special"] = [t for t in slots["special"] if "lateral view" not in t]
         st = status_of(f, prior.get(kind), has_prior)
         pol = -1 if hedged.get(kind) else 1
         for section in ("findings", "impression"):
