@@ -27,14 +27,33 @@ Arms:
 ``biovil_t``
     The ``clip`` arm with BioViL-T's multi-image encoder (``recipes/biovil_t.yaml``): the
     demo's CNN on the current frontal and its prior, fused (width 128, 3 blocks, 4 heads).
+``clip_vit``
+    The ``clip`` arm with the ViT that the MoVE arms use (timm ViT-Tiny width, 6 blocks,
+    32-px patches: an 8×8 grid at 256 px, like the demo's CNN) on the frontal view alone:
+    the frontal-only baseline of ``move``.
+``move``
+    ``recipes/move.yaml``'s model on the demo's budget: the same ViT as MoVE over frontal
+    and lateral (per-view feed-forward experts), the global contrastive loss alone.
+``med_st``
+    ``recipes/med_st.yaml``'s objectives (global, modality-weighted local alignment,
+    temporal cycle consistency; weights 1, 1, 1) on the ``move`` arm's model, with series of
+    2 studies (one prior; the recipe's 4 would quadruple the images per step).
 ``recipes/demo.yaml`` is the ``local_mi_cpc`` arm.
 
 Every arm is also evaluated on temporal progression (``vlp eval temporal``: a linear SVM
 on [current, prior] global embeddings, cross-validated macro-accuracy per finding).
 
+Every arm is also probed for the phantom's **lateral-only finding** (a small pleural
+effusion, severity 1, drawn on the lateral view only): a logistic probe on the global image
+embedding (C = 1), trained on the train split's studies that have a lateral view and
+either a small effusion or none, tested on the validation and test splits' pooled (few
+studies have a small effusion), AUROC with a bootstrap interval. A frontal-only encoder cannot see it (chance, 0.5); only an encoder
+that reads the lateral can.
+
 Liao et al.'s orderings to check: local MI grounds better than global MI and CLIP;
 local MI's edema ordinal AUCs are at least global MI's. Issue 13's: ``biovil_l`` grounds
-better than ``clip`` (BioViL global); ``biovil_t`` beats ``clip`` on temporal progression.
+better than ``clip`` (BioViL global); ``biovil_t`` and ``med_st`` beat ``clip`` on temporal
+progression; ``move`` beats ``clip`` and ``clip_vit`` on the lateral-only finding.
 
     python benchmarks/learning.py --out runs/learning --minutes 10
 """
@@ -54,6 +73,15 @@ CLIP = [
     "model.global_head=mean_local",
     "model.local_dim=768",
 ]
+#: the MoVE arms' ViT, and the frontal-only ViT baseline's: ViT-Tiny width, 6 blocks, 32-px
+#: patches (an 8×8 grid at the demo's 256 px, as the demo's CNN).
+VIT = "{name: vit_tiny_patch16_224, params: {kwargs: {patch_size: 32, depth: 6}}}"
+MOVE = [
+    *CLIP,
+    f"model.encoders.image={{kind: move, tower: {VIT}}}",
+    "model.global_head=pool",
+    "data.views=[frontal, lateral]",
+]
 ARMS = {
     "clip": CLIP,
     "biovil_l": [
@@ -70,6 +98,15 @@ ARMS = {
         "data.prior_views=[frontal]",
         "data.prior_text=false",
     ],
+    "clip_vit": [*CLIP, f"model.encoders.image={{kind: image, tower: {VIT}}}"],
+    "move": [*MOVE],
+    "med_st": [
+        *MOVE,
+        "model.word_dim=768",
+        "data.priors=1",
+        "objectives=[{name: clip, weight: 1.0}, {name: weighted_local_alignment, weight: 1.0},"
+        " {name: temporal_cycle, weight: 1.0, series_length: 2}]",
+    ],
     "global_mi_cpc": [f"objectives=[{GLOBAL % 'cpc'}]"],
     "global_mi_mine": [f"objectives=[{GLOBAL % 'mine'}]"],
     "local_mi_cpc": [f"objectives=[{LOCAL % 'cpc'}]"],
@@ -79,6 +116,7 @@ ARMS = {
         "critic: {kind: concat, hidden_dims: [512, 256]}}]"
     ],
 }
+LATERAL_ONLY = "lateral-only finding (small effusion) probe AUROC"
 #: the progression findings the phantom labels.
 TEMPORAL_FINDINGS = ("pleural_effusion", "edema", "consolidation", "pneumothorax")
 COLUMNS = (
@@ -98,6 +136,7 @@ COLUMNS = (
     "edema ordinal AUC 012v3",
     *(f"temporal macro-accuracy {f}" for f in TEMPORAL_FINDINGS),
     "temporal mean macro-accuracy",
+    LATERAL_ONLY,
 )
 
 
@@ -125,6 +164,39 @@ def table_markdown(table: dict, header: str) -> str:
         "| wall time (s) | " + " | ".join(f"{table[a]['elapsed_s']:.0f}" for a in arms) + " |"
     )
     return "\n".join(lines)
+
+
+def lateral_only_probe(export: Path, shards: Path, phantom: Path, cache: Path, bootstrap: int):
+    """AUROC of a logistic probe for the small (lateral-only) effusion (module docstring)."""
+    import numpy as np
+
+    from vlp.data.phantom import read_truth
+    from vlp.evaluation import metrics
+    from vlp.evaluation.features import extract_features
+    from vlp.evaluation.linear_probe import fit_probe
+    from vlp.training.export import load_model
+
+    severity = {
+        str(r["study_id"]): r["findings"].get("pleural_effusion", {}).get("severity", 0)
+        for r in read_truth(phantom)
+    }
+    model, _ = load_model(export)
+
+    def rows(split: str):
+        feats = extract_features(model, shards / split, cache_dir=cache, desc=f"{split} features")
+        sev = np.array([severity[str(m["study_id"])] for m in feats.meta])
+        lateral = np.array([m.get("lateral") is not None for m in feats.meta])
+        keep = lateral & (sev <= 1)
+        return feats.image_global[keep], (sev[keep] == 1).astype(int)
+
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = map(rows, ("train", "validate", "test"))
+    # Few studies have a small effusion: the probe is tested on the validation and test
+    # patients pooled (none pretrained on), with C = 1 rather than chosen on one of them.
+    x_test, y_test = np.concatenate([x_val, x_test]), np.concatenate([y_val, y_test])
+    predict, _, _ = fit_probe(x_train, y_train)
+    result = metrics.auroc_with_ci(y_test, predict(x_test), bootstrap, 0)
+    result["test_positives"], result["test_negatives"] = int(y_test.sum()), int((1 - y_test).sum())
+    return result
 
 
 def main() -> None:
@@ -166,6 +238,15 @@ def main() -> None:
             metrics[f"temporal macro-accuracy {finding}"] = entry.get("value", math.nan)
             cis[f"temporal macro-accuracy {finding}"] = entry.get("ci")
         metrics["temporal mean macro-accuracy"] = temporal["mean_macro_accuracy"]
+        lateral = lateral_only_probe(
+            out / name / "run" / "export",
+            shards,
+            out / "phantom",
+            out / name / "eval" / "cache",
+            p.bootstrap,
+        )
+        metrics[LATERAL_ONLY], cis[LATERAL_ONLY] = lateral["value"], lateral.get("ci")
+        print(f"{LATERAL_ONLY}: {lateral}", flush=True)
         table[name] = {
             "metrics": metrics,
             "intervals": cis,
@@ -177,8 +258,9 @@ def main() -> None:
     header = (
         f"Phantom seed 0, {p.patients} patients at {p.image_size} px, {p.steps} steps per arm "
         f"(the demo's budget of {args.minutes:g} min), the demo's towers (frozen MiniLM, "
-        "4-stage half-width Liao ResNet, 8×8 local grid), train seed 0; test split; 95 % "
-        "bootstrap intervals in brackets."
+        "4-stage half-width Liao ResNet, 8×8 local grid; the ViT arms a 6-block ViT-Tiny "
+        "with 32-px patches, 8×8 per view), train seed 0; test split (the lateral-only "
+        "probe: validation + test); 95 % bootstrap intervals in brackets."
     )
     text = table_markdown(table, header)
     (out / "learning.md").write_text(text + "\n")
