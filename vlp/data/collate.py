@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vlp.data.schema import CHEXPERT_LABELS
+from vlp.data.schema import BATCH_VIEWS, CHEXPERT_LABELS
 
 if TYPE_CHECKING:
     from vlp.data.decode import _Decoded, _Step
@@ -55,7 +55,7 @@ def collate_studies(
     size = cfg.image_size
     zeros = torch.from_numpy(np.zeros((1, size, size), dtype=np.uint8))  # no OpenMP, see _stack
     steps = [s.steps for s in studies]
-    views = [v for v in ("frontal", "lateral") if v in cfg.views]
+    views = [v for v in BATCH_VIEWS if v in cfg.views]
     batch: dict[str, Any] = {
         "keys": [s.key for s in studies],
         "study_id": torch.tensor([[t.study_id for t in row] for row in steps], dtype=torch.int64),

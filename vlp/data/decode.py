@@ -156,7 +156,7 @@ class StudyDecoder:
 
     def __init__(self, cfg: LoaderConfig):
         self.cfg = cfg
-        self.views = tuple(v for v in ("frontal", "lateral") if v in cfg.views)
+        self.views = tuple(v for v in schema.BATCH_VIEWS if v in cfg.views)
         self.prior_views = tuple(
             v for v in self.views if cfg.prior_views is None or v in cfg.prior_views
         )

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.collate import collate_studies
 from vlp.data.decode import SampleError, StudyDecoder
+from vlp.data.schema import BATCH_VIEWS
 from vlp.data.shards import Shard, ShardError, iter_tar_samples, resolve_shards
 from vlp.data.transforms import AugmentConfig
 
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 #: How many skipped samples are kept by name in :class:`LoaderStats` (the count is exact).
 MAX_SKIPPED_LISTED = 1000
-_VIEWS = ("frontal", "lateral")
 _SENTENCE_SAMPLING = ("first", "random")
 
 
@@ -117,10 +117,10 @@ class LoaderConfig:
             problems.append(f"workers must be >= 0, got {self.workers}")
         if self.image_size < 8:
             problems.append(f"image_size must be >= 8, got {self.image_size}")
-        unknown = [v for v in self.views if v not in _VIEWS]
+        unknown = [v for v in self.views if v not in BATCH_VIEWS]
         if unknown or "frontal" not in self.views:
             problems.append(
-                f"views must be a subset of {list(_VIEWS)} containing 'frontal', got {self.views}"
+                f"views must be a subset of {list(BATCH_VIEWS)} containing 'frontal', got {self.views}"
             )
         if self.priors < 0:
             problems.append(f"priors must be >= 0, got {self.priors}")

@@ -50,9 +50,18 @@ PROGRESSION_FINDINGS: tuple[str, ...] = (
 )
 PROGRESSION_CLASSES: tuple[str, ...] = ("improving", "stable", "worsening")
 
+#: the batch's views (``images[view]``), in the order every module lists them.
+BATCH_VIEWS: tuple[str, ...] = ("frontal", "lateral")
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 LATERAL_VIEWS = frozenset({"LATERAL", "LL"})
 SPLITS: tuple[str, ...] = ("train", "validate", "test")
+
+
+def check_view(view: str, key: str = "view") -> None:
+    """Raise ``ValueError`` unless ``view`` is one of :data:`BATCH_VIEWS`."""
+    if view not in BATCH_VIEWS:
+        raise ValueError(f"{key} must be one of {list(BATCH_VIEWS)}, got {view!r}")
+
 
 #: Image members of a sample; prior members are ``prior{k}.`` + one of these.
 VIEW_MEMBERS = ("frontal.jpg", "lateral.jpg")

@@ -29,6 +29,7 @@ from torch import nn
 
 from vlp.data.batch import batch_images
 from vlp.data.requirements import Requirements
+from vlp.data.schema import check_view
 from vlp.models.image import ImageTower, ImageTowerConfig, build_image_tower, image_tower_config
 from vlp.models.text import TextTower, TextTowerConfig, build_text_tower, text_tower_config
 from vlp.registry import register
@@ -158,8 +159,7 @@ class ImageEncoderConfig:
     time: int = 0
 
     def validate(self) -> None:
-        if self.view not in ("frontal", "lateral"):
-            raise ValueError(f"view must be 'frontal' or 'lateral', got {self.view!r}")
+        check_view(self.view)
         if self.time < 0:
             raise ValueError(f"time must be >= 0, got {self.time}")
 

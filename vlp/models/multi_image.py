@@ -36,6 +36,7 @@ from torch import nn
 
 from vlp.data.batch import batch_images, batch_view_mask
 from vlp.data.requirements import Requirements
+from vlp.data.schema import check_view
 from vlp.models.encoders import (
     ImageEncoderBase,
     ImageEncoding,
@@ -109,8 +110,7 @@ class BioViLTConfig:
     drop_path: float = 0.25
 
     def validate(self) -> None:
-        if self.view not in ("frontal", "lateral"):
-            raise ValueError(f"view must be 'frontal' or 'lateral', got {self.view!r}")
+        check_view(self.view)
         if self.prior < 1:
             raise ValueError(f"prior must be >= 1 (a prior time step), got {self.prior}")
         if self.dim % 4 or self.dim % self.heads:
