@@ -173,7 +173,8 @@ def test_edema(setup):
 
 
 def test_retrieval(setup):
-    results, table, _ = _eval(setup, "retrieval", "train")
+    results, table, out = _eval(setup, "retrieval", "train")
+    _png_ok(out / "recall_at_k.png")
     assert 0 <= results["image_to_report"]["R@1"]["value"] <= 1
     assert results["image_to_report"]["median_rank"]["value"] >= 1
     assert "image to report" in table
@@ -214,7 +215,13 @@ def test_grounding(setup):
 
 
 def test_temporal(setup):
-    results, table, _ = _eval(setup, "temporal", "train")
+    results, table, out = _eval(setup, "temporal", "train")
     assert results["with_prior"] > 0
     assert "pleural_effusion" in results["macro_accuracy"]
     assert "| pleural_effusion |" in table
+    _png_ok(out / "confusion.png")
+    # The confusion matrices hold every evaluated pair once, by its true class (rows).
+    assert results["confusion"]
+    for finding, matrix in results["confusion"].items():
+        rows = [sum(row) for row in matrix]
+        assert rows == list(results["counts"][finding].values()), finding

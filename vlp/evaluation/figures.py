@@ -1,7 +1,8 @@
 """PNG figures of evaluation results (matplotlib, Agg backend: no display needed).
 
-ROC curves per label, confusion matrices for multi-class tasks, and grounding overlays
-(image, similarity heat map, true boxes, sentence).
+ROC curves per label, confusion matrices for multi-class tasks (one, or a grid of them),
+recall-at-K curves for retrieval, and grounding overlays (image, similarity heat map, true
+boxes, sentence).
 """
 
 from __future__ import annotations
@@ -48,8 +49,30 @@ def roc_curves(curves: dict[str, tuple], path: str | Path, title: str = "ROC") -
 
 def confusion_matrix(matrix, labels: list[str], path: str | Path, title: str) -> Path:
     """Counts matrix (rows true, columns predicted) with numbers in the cells."""
-    matrix = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.5), dpi=110)
+    return confusion_matrices({title: matrix}, labels, path)
+
+
+def confusion_matrices(
+    matrices: dict[str, np.ndarray], labels: list[str], path: str | Path, columns: int = 4
+) -> Path:
+    """One panel per ``title → counts matrix`` (rows true, columns predicted), side by side."""
+    n = max(1, len(matrices))
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    side = 1.2 * len(labels) + 2
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, (side - 0.3) * rows), dpi=110)
+    axes = np.atleast_1d(axes).ravel()
+    for ax in axes[len(matrices) :]:
+        ax.axis("off")
+    for ax, (title, matrix) in zip(axes, matrices.items()):
+        _draw_confusion(ax, np.asarray(matrix), labels, title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _draw_confusion(ax, matrix: np.ndarray, labels: list[str], title: str) -> None:
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -59,6 +82,22 @@ def confusion_matrix(matrix, labels: list[str], path: str | Path, title: str) ->
         for j in range(matrix.shape[1]):
             colour = "white" if peak and matrix[i, j] > peak / 2 else "black"
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=colour, fontsize=9)
+
+
+def recall_curves(ranks: dict[str, np.ndarray], path: str | Path, title: str) -> Path:
+    """Recall@K against K (log axis) per direction, with chance (K / N) for reference."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
+    n = 1
+    for name, rank in ranks.items():
+        rank = np.sort(np.asarray(rank))
+        n = max(n, rank.size)
+        k = np.arange(1, rank.size + 1)
+        recall = np.searchsorted(rank, k, side="right") / max(1, rank.size)
+        ax.plot(k, recall, lw=1.5, label=name)
+    k = np.arange(1, n + 1)
+    ax.plot(k, k / n, ls="--", color="grey", lw=1, label="chance")
+    ax.set(xscale="log", xlabel="K", ylabel="recall@K", title=title, ylim=(0, 1.01))
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

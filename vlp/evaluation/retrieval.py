@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
 from vlp.evaluation.features import (
     cache_folder,
@@ -96,7 +97,7 @@ def evaluate(
     cache_dir=None,
     objective: str | None = None,
 ) -> dict:
-    """Retrieval on ``data``; writes results into ``out`` (``figures`` has no plot here).
+    """Retrieval on ``data``; writes results into ``out`` (``figures``: recall@K curves).
 
     Features are cached in ``cache_dir`` (default ``out/cache``), keyed by the model's
     weights and the data, so evaluators sharing a cache folder extract them once.
@@ -143,9 +144,20 @@ def evaluate(
         "chance_R@5": min(5, count) / max(1, count),
         "seed": seed,
         "bootstrap": bootstrap,
-        "image_to_report": rank_metrics(ranks_from_scores(scores), bootstrap, seed),
-        "report_to_image": rank_metrics(ranks_from_scores(scores.T), bootstrap, seed),
     }
+    by_direction = {
+        "image_to_report": ranks_from_scores(scores),
+        "report_to_image": ranks_from_scores(scores.T),
+    }
+    for direction, rank in by_direction.items():
+        results[direction] = rank_metrics(rank, bootstrap, seed)
+    if figures:
+        out.mkdir(parents=True, exist_ok=True)
+        curves = {d.replace("_to_", " → "): r for d, r in by_direction.items()}
+        path = plots.recall_curves(
+            curves, out / "recall_at_k.png", f"Retrieval among {count} studies"
+        )
+        results["figures"] = {"recall_at_k": str(path)}
     header = ["direction", *[f"R@{k}" for k in KS], "median rank"]
     rows = [
         [direction.replace("_", " ")]

@@ -26,6 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from vlp.data.schema import PROGRESSION_CLASSES, PROGRESSION_FINDINGS
+from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
 from vlp.evaluation.features import cache_folder, extract_features
 from vlp.evaluation.report import Table, write_results
@@ -107,7 +108,7 @@ def evaluate(
         "counts": {},
         "folds": {},
     }
-    rows = []
+    rows, confusions = [], {}
     for finding in PROGRESSION_FINDINGS:
         sel, y = progression_targets(feats.meta, feats.prior_mask, finding)
         counts = {c: int((y == k).sum()) for k, c in enumerate(PROGRESSION_CLASSES)}
@@ -128,6 +129,10 @@ def evaluate(
             metrics.macro_accuracy, y, predicted, n_resamples=bootstrap, seed=seed
         )
         rows.append([finding, *counts.values(), k, results["macro_accuracy"][finding]])
+        classes = range(len(PROGRESSION_CLASSES))
+        confusions[finding] = np.array(
+            [[int(((y == t) & (predicted == p)).sum()) for p in classes] for t in classes]
+        )
     defined = [v["value"] for v in results["macro_accuracy"].values() if not math.isnan(v["value"])]
     results["mean_macro_accuracy"] = float(np.mean(defined)) if defined else float("nan")
     rows.append(["mean", "", "", "", "", results["mean_macro_accuracy"]])
@@ -139,5 +144,12 @@ def evaluate(
             note=results["protocol"] + "; chance macro-accuracy is 1/(classes present).",
         )
     ]
+    results["confusion"] = {f: m.tolist() for f, m in confusions.items()}  # rows true
+    if figures and confusions:
+        out.mkdir(parents=True, exist_ok=True)
+        path = plots.confusion_matrices(
+            confusions, list(PROGRESSION_CLASSES), out / "confusion.png"
+        )
+        results["figures"] = {"confusion": str(path)}
     write_results(out, results, "Temporal progression", tables)
     return results
