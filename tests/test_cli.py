@@ -65,6 +65,25 @@ def test_missing_recipe_is_a_one_line_error(tmp_path):
     )
 
 
+def test_missing_shards_fail_in_one_line_before_anything_starts(tmp_path):
+    for shards in (str(tmp_path / "nonexistent" / "train"), str(tmp_path)):
+        run_dir = tmp_path / "run"
+        proc = vlp(
+            "pretrain",
+            str(ROOT / "recipes" / "debug.yaml"),
+            "--set",
+            f"data.shards={shards}",
+            "--run-dir",
+            str(run_dir),
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith("vlp pretrain: error: ") and "data.shards: " in lines[0]
+        assert shards in lines[0]
+        assert not run_dir.exists()  # no process group, no run directory, nothing written
+
+
 def readme_examples() -> list[tuple[str, str]]:
     """(name, command) of every ``<!-- example: NAME -->`` code block in the README, in order."""
     text = (ROOT / "README.md").read_text()

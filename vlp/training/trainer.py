@@ -108,6 +108,21 @@ def _requeue_if_slurm() -> None:
         LOG.warning("could not requeue Slurm job %s: %s", job, err)
 
 
+def check_shards_exist(cfg: RecipeConfig, source: str | None) -> None:
+    """Fail before any process group or DeepSpeed starts when ``data.shards`` names shards
+    that are not there: one ``ConfigError`` line (empty ``data.shards`` is the phantom)."""
+    from vlp.config.loader import ConfigError
+    from vlp.data.shards import ShardError, resolve_shards
+
+    if not cfg.data.shards:
+        return
+    try:
+        if not resolve_shards(cfg.data.shards):
+            raise ShardError(f"{cfg.data.shards}: the shard list is empty")
+    except ShardError as err:
+        raise ConfigError(source, "data.shards", str(err)) from None
+
+
 def pretrain(
     recipe: str | Path | RecipeConfig,
     *,
@@ -122,6 +137,8 @@ def pretrain(
     with an iterator of batch dicts (tests use it to feed identical global batches).
     """
     cfg = recipe if isinstance(recipe, RecipeConfig) else load_recipe(recipe, overrides or [])
+    if batch_source is None:
+        check_shards_exist(cfg, None if isinstance(recipe, RecipeConfig) else str(recipe))
     # Loader workers tokenise after fork; HF's Rust tokenizer threads must not be live then.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
