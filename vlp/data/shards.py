@@ -143,6 +143,13 @@ def iter_tar_samples(url: str, wanted: frozenset[str] | None = None) -> Iterator
             for info in tar:
                 if not info.isfile():
                     continue
+                if info.name.startswith("/") or ".." in info.name.split("/"):
+                    # Nothing is extracted to disk, but such a name is never a sample of
+                    # ours: a crafted archive, refused as a whole.
+                    raise ShardError(
+                        f"{url}: member {info.name!r} has an absolute path or '..'; "
+                        "refusing this shard"
+                    )
                 match = _MEMBER_NAME.match(info.name)
                 if match is None:
                     raise ShardError(

@@ -27,7 +27,8 @@ def _consolidated_state_dict(folder: Path) -> dict:
     files = sorted(folder.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{folder}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint from someone else cannot run code when it is read.
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
 
 
