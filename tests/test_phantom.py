@@ -484,6 +484,14 @@ def test_images_change_with_the_progression_labels(dataset):
     assert all(seen.values()), seen
 
 
+def test_signal_figure_writes_png(tmp_path):
+    from vlp.data.phantom.preview import write_signal_figure
+
+    png = write_signal_figure(tmp_path / "signals.png", image_size=96)
+    with Image.open(png) as im:
+        assert im.size[0] > 600 and im.size[1] > 300
+
+
 def test_preview_writes_png(dataset, tmp_path):
     out, _, _ = dataset
     png = write_preview(out, tmp_path / "p.png", n_studies=2)

@@ -133,3 +133,59 @@ def write_preview(data_dir_or_config, out_png, n_studies: int = 6, real_referenc
     fig.savefig(out_png, dpi=70)
     plt.close(fig)
     return out_png
+
+
+def write_signal_figure(out_png, image_size: int = 256) -> Path:
+    """What the phantom gives multi-view and temporal methods, as one PNG.
+
+    Row 1, the lateral-only finding: a small (severity-1) right effusion on the frontal and
+    the lateral view, each beside its difference from the same view without it (the
+    frontal difference is zero). Row 2, progression: the same frontal (same patient and
+    acquisition) with the effusion at severities 1, 2 and 3, labelled as a radiologist
+    comparing with the prior would (the MS-CXR-T classes), and the 3 − 1 difference.
+    """
+    from vlp.data.phantom.acquisition import Acquisition
+    from vlp.data.phantom.anatomy import Anatomy
+    from vlp.data.phantom.render import PatientRenderer
+
+    renderer = PatientRenderer(Anatomy(), image_size)
+
+    def effusion(severity: int) -> dict:
+        if not severity:
+            return {}
+        finding = {"type": "pleural_effusion", "severity": severity, "side": "right"}
+        finding.update(lobe=None, params={"height": 1.0, "meniscus": 0.4})
+        return {"pleural_effusion": finding}
+
+    views = {"frontal": Acquisition(view="PA", noise=0.0), "lateral": Acquisition(view="LATERAL")}
+    fig, axes = plt.subplots(2, 4, figsize=(13, 7))
+    for col, (view, acq) in enumerate(views.items()):
+        with_it, boxes = renderer.render(view, effusion(1), acq, 1.0)
+        without, _ = renderer.render(view, {}, acq, 1.0)
+        difference = with_it.astype(float) - without.astype(float)
+        axes[0, 2 * col].imshow(with_it, cmap="gray", vmin=0, vmax=255)
+        axes[0, 2 * col].set_title(f"{view}, small effusion", fontsize=9)
+        for b in boxes.get("pleural_effusion", []):
+            axes[0, 2 * col].add_patch(
+                Rectangle((b[0], b[1]), b[2], b[3], fill=False, edgecolor="#ff3b30", lw=1.2)
+            )
+        axes[0, 2 * col + 1].imshow(difference, cmap="magma", vmin=0, vmax=40)
+        peak = float(np.abs(difference).max())
+        axes[0, 2 * col + 1].set_title(f"{view}: with − without (max {peak:.0f})", fontsize=9)
+    acq = views["frontal"]
+    series = [renderer.render("frontal", effusion(s), acq, 1.0)[0] for s in (1, 2, 3)]
+    labels = ["severity 1 (prior)", "2: worsening", "3: worsening"]
+    for col, (image, label) in enumerate(zip(series, labels)):
+        axes[1, col].imshow(image, cmap="gray", vmin=0, vmax=255)
+        axes[1, col].set_title(f"frontal, effusion {label}", fontsize=9)
+    axes[1, 3].imshow(series[2].astype(float) - series[0].astype(float), cmap="magma")
+    axes[1, 3].set_title("severity 3 − severity 1", fontsize=9)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle("Phantom: a lateral-only finding, and progression the frontal shows", fontsize=11)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return out_png
