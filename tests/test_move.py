@@ -73,8 +73,14 @@ def test_the_frontal_expert_is_the_vits_own_forward():
     assert block.mlp.fc1.weight.data_ptr() != expert["mlp"].fc1.weight.data_ptr()
 
 
-#: MoVE shrunk to a tiny ViT at 32 px (a 2×2 grid per view).
-TINY_MOVE = ["model.encoders.image.tower.name=vit_tiny_patch16_224", "data.image_size=32"]
+#: MoVE shrunk to a tiny ViT at 32 px (a 2×2 grid per view). ZeRO-3 keeps parameters
+#: below ``stage3_param_persistence_threshold`` (1e5 elements) whole; at 0 every tiny
+#: parameter is partitioned, as a ViT-B's position embedding (151k) would be.
+TINY_MOVE = [
+    "model.encoders.image.tower.name=vit_tiny_patch16_224",
+    "data.image_size=32",
+    "deepspeed.extra={zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}}",
+]
 
 
 def test_move_recipe_trains_under_zero3_and_resumes_exactly(tmp_path, phantom_cache):

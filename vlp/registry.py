@@ -30,7 +30,12 @@ KINDS = ("image_tower", "text_tower", "encoder", "global_head", "objective", "ev
 _BUILTIN_MODULES = {
     "image_tower": ("vlp.models.image",),
     "text_tower": ("vlp.models.text",),
-    "encoder": ("vlp.models.encoders", "vlp.models.multi_image", "vlp.models.move"),
+    "encoder": (
+        "vlp.models.encoders",
+        "vlp.models.multi_image",
+        "vlp.models.move",
+        "vlp.models.mae",
+    ),
     "global_head": ("vlp.models.heads",),
     "objective": ("vlp.objectives",),
     "evaluator": ("vlp.evaluation.evaluators",),

@@ -63,6 +63,10 @@ class ImageEncoding(NamedTuple):
     pooled: torch.Tensor  # B×Cg
     local: torch.Tensor  # B×R×Cl, R = sum of the segments' grid sizes
     layout: tuple[TokenSegment, ...]
+    #: raw outputs beyond pooled/local, named by the encoder class's ``extra_features``
+    #: (MAE's reconstruction, target and mask); they reach objectives unprojected as
+    #: ``<encoder name>_<key>``. None or a subset when the encoder did not compute them.
+    extras: dict[str, torch.Tensor] | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -102,6 +106,8 @@ class ImageEncoderBase(Encoder):
     modality = "image"
     global_dim: int
     local_dim: int
+    #: keys of ``ImageEncoding.extras`` this encoder can give (features ``<name>_<key>``).
+    extra_features: ClassVar[tuple[str, ...]] = ()
 
     def forward(self, batch: dict) -> ImageEncoding:
         raise NotImplementedError
@@ -129,6 +135,19 @@ def tower_grad_checkpointing(tower: nn.Module, enable: bool, what: str) -> None:
             f"{what}: {type(inner).__name__} has no activation checkpointing; set "
             "deepspeed.activation_checkpointing: false"
         )
+
+
+def timm_vit(tower: nn.Module, name: str, path: str, what: str):
+    """The timm VisionTransformer inside ``tower``, or a ``ValueError`` naming ``path``
+    (encoders that reach into a ViT's tokens: MoVE, MAE)."""
+    from vlp.models.image import TimmTower
+
+    vit = getattr(tower, "model", None)
+    if not isinstance(tower, TimmTower) or not hasattr(vit, "blocks"):
+        raise ValueError(f"{path}: {what} needs a timm VisionTransformer, got {name!r}")
+    if getattr(vit, "dynamic_img_size", False) or vit.pos_embed is None:
+        raise ValueError(f"{path}: {what} needs a fixed absolute position embedding")
+    return vit
 
 
 def check_image_tower(tower: ImageTowerConfig, path: str, source, image_size: int) -> None:

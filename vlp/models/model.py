@@ -89,13 +89,19 @@ def image_feature_keys(name: str) -> tuple[str, str, str, str]:
     return f"{name}_global", f"{name}_local", f"{name}_grid", f"{name}_layout"
 
 
+def extra_keys(name: str, extras: Iterable[str]) -> tuple[str, ...]:
+    """Feature keys of image encoder ``name``'s extra outputs (``ImageEncoding.extras``)."""
+    return tuple(f"{name}_{key}" for key in extras)
+
+
 def produced_features(cfg: ModelConfig) -> dict[str, str]:
     """Feature key → the encoder that produces it, from the config alone (load-time checks)."""
     produced = {}
     for name, (kind, _) in encoder_specs(cfg.encoders).items():
         modality = get("encoder", kind).builder.modality
         if modality == "image":
-            keys = (*image_feature_keys(name), series_key(name))
+            extras = get("encoder", kind).builder.extra_features
+            keys = (*image_feature_keys(name), series_key(name), *extra_keys(name, extras))
         else:
             words = TEXT_WORD_KEYS if cfg.word_dim else ()
             keys = ("report", "sentence", REPORT_SERIES, *words)
@@ -198,12 +204,15 @@ class VLPModel(nn.Module):
     def _project_image(self, name: str, encoding: ImageEncoding) -> dict:
         global_key, local_key, grid_key, layout_key = image_feature_keys(name)
         local = self.heads[local_key](encoding.local)
-        return {
+        features = {
             global_key: self.heads[global_key](encoding.pooled, local),
             local_key: local,
             grid_key: encoding.grid,
             layout_key: encoding.layout,
         }
+        for key, value in (encoding.extras or {}).items():
+            features[f"{name}_{key}"] = value
+        return features
 
     def _sentence_embeddings(self, input_ids, attention_mask) -> torch.Tensor:
         pooled = self.text.encode_sentences(input_ids, attention_mask)
@@ -216,8 +225,11 @@ class VLPModel(nn.Module):
         need = None if need is None else set(need)
         features: dict = {}
         for name in self.image_encoders:
-            keys = image_feature_keys(name)
-            if need is None or need & set(keys):
+            keys = {
+                *image_feature_keys(name),
+                *extra_keys(name, self.encoders[name].extra_features),
+            }
+            if need is None or need & keys:
                 features.update(self._project_image(name, self.encoders[name](batch)))
             if need is not None and series_key(name) in need:
                 features[series_key(name)] = self._global_series(name, batch, features)

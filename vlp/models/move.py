@@ -37,9 +37,10 @@ from vlp.models.encoders import (
     ImageEncoding,
     TokenSegment,
     check_image_tower,
+    timm_vit,
     tower_grad_checkpointing,
 )
-from vlp.models.image import ImageTowerConfig, TimmTower, build_image_tower
+from vlp.models.image import ImageTowerConfig, build_image_tower
 from vlp.registry import register
 
 
@@ -61,13 +62,7 @@ class MoVEEncoder(ImageEncoderBase):
         super().__init__()
         self.config = config
         self.tower = build_image_tower(config.tower, image_size, f"{path}.tower")
-        vit = getattr(self.tower, "model", None)
-        if not isinstance(self.tower, TimmTower) or not hasattr(vit, "blocks"):
-            raise ValueError(
-                f"{path}.tower: MoVE needs a timm VisionTransformer, got {config.tower.name!r}"
-            )
-        if getattr(vit, "dynamic_img_size", False) or vit.pos_embed is None:
-            raise ValueError(f"{path}.tower: MoVE needs a fixed absolute position embedding")
+        vit = timm_vit(self.tower, config.tower.name, f"{path}.tower", "MoVE")
         self.lateral_experts = nn.ModuleList(
             nn.ModuleDict({"norm2": copy.deepcopy(b.norm2), "mlp": copy.deepcopy(b.mlp)})
             for b in vit.blocks

@@ -1,6 +1,12 @@
 """Training objectives behind one interface; importing this package registers them all."""
 
-from vlp.objectives import contrastive, local_alignment, mi, temporal  # noqa: F401  (registration side effects)
+from vlp.objectives import (  # noqa: F401  (registration side effects)
+    contrastive,
+    local_alignment,
+    mi,
+    reconstruction,
+    temporal,
+)
 from vlp.objectives.base import (
     FeatureDims,
     Objective,

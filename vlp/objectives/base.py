@@ -81,6 +81,11 @@ class Objective(nn.Module):
         :class:`vlp.objectives.scoring.Scorer`), or None when it defines no such score."""
         return None
 
+    def write_figures(self, folder, step: int) -> list:
+        """PNGs of what the objective saw last (the trainer calls this on rank 0 at every
+        checkpoint, into ``RUN_DIR/figures``); returns the paths written. Default: none."""
+        return []
+
 
 def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     """A zero connected to ``tensors`` so every parameter still receives a (zero) gradient.

@@ -77,6 +77,18 @@ def _grad_norm(module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def _write_objective_figures(module, folder: Path, step: int) -> None:
+    """Each objective's checkpoint-time figures (e.g. MAE reconstructions); a figure that
+    fails is logged, never the end of the run."""
+    for name, objective in module.objectives.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in objective.write_figures(folder, step):
+                LOG.info("objective %s: wrote %s", name, path)
+        except Exception as err:  # a plot must not cost a training run
+            LOG.warning("objective %s: figure at step %d failed: %s", name, step, err)
+
+
 def _free_port() -> int:
     import socket
 
@@ -327,6 +339,8 @@ def pretrain(
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
                 checkpoint.save(engine, run_dir, step, trainer_state(), cfg.checkpoint.keep)
                 LOG.info("checkpoint step-%d saved", step)
+                if rank == 0:
+                    _write_objective_figures(engine.module, run_dir / "figures", step)
             if out_of_time and not preempted:
                 LOG.warning(
                     "train.time_limit_minutes (%g) reached at step %d of %d: checkpoint saved; "
