@@ -85,6 +85,16 @@ def check_recipe(cfg, source: str | None) -> None:
         if problems:
             key, message = problems[0]
             raise ConfigError(source, key, message)
+    from vlp.registry import names
+
+    for key in ("global_head", "text_head"):
+        kind = getattr(cfg.model, key)
+        if kind not in names("global_head"):
+            raise ConfigError(
+                source,
+                f"model.{key}",
+                f"unknown head {kind!r}; expected one of {sorted(names('global_head'))}",
+            )
     groups = {*encoder_specs(cfg.model.encoders), "heads", "objectives"}
     for name, lr in cfg.optim.group_lr.items():
         if lr is not None and name not in groups:

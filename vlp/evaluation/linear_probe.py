@@ -11,7 +11,8 @@ logistic regression in place of their SGD head):
 * Per label, the rows labelled 1 or 0 are used (uncertain −1 and blank excluded); features
   are standardised on the training subset; ``LogisticRegression(solver="lbfgs")`` is fitted
   for each C in :data:`C_GRID` and the C with the best validation AUROC is kept (C = 1 when
-  the validation split has no usable labels for it). Test AUROC with a bootstrap 95% CI.
+  the validation split has no usable labels for it). Test AUROC with a bootstrap 95% CI,
+  and accuracy at the probe's own 0.5 threshold (mean over the labels with a probe).
 * ``random_init=True`` repeats everything with a randomly initialised copy of the encoder
   (same architecture, PyTorch default initialisers), the usual "is pretraining worth
   anything" baseline.
@@ -90,7 +91,7 @@ def probe_labels(train, val, test, fraction, seed, bootstrap, labels=CHEXPERT_LA
     """Per-label test AUROC of probes trained on ``fraction`` of ``train``."""
     rows = subsample(len(train), fraction, seed)
     x_train, y_all = train.image_global[rows], train.labels[rows]
-    result = {"train_studies": int(rows.size), "auroc": {}, "C": {}, "curves": {}}
+    result = {"train_studies": int(rows.size), "auroc": {}, "accuracy": {}, "C": {}, "curves": {}}
     score_matrix = np.full(test.labels.shape, np.nan)  # test scores of every probe
     for name in labels:
         j = CHEXPERT_LABELS.index(name)
@@ -110,11 +111,15 @@ def probe_labels(train, val, test, fraction, seed, bootstrap, labels=CHEXPERT_LA
         score = predict(test.image_global[test_mask])
         score_matrix[test_mask, j] = score
         result["auroc"][name] = metrics.auroc_with_ci(y_test, score, bootstrap, seed)
+        # Accuracy at the probe's own threshold (probability 0.5: decision score 0).
+        result["accuracy"][name] = float(np.mean((score > 0) == (y_test > 0.5)))
         result["C"][name] = {"value": c, "rule": rule}
         result["curves"][name] = (y_test, score, result["auroc"][name]["value"])
     defined = [v["value"] for v in result["auroc"].values() if not math.isnan(v["value"])]
     result["mean_auroc"] = float(np.mean(defined)) if defined else float("nan")
     result["mean_auroc_ci"] = metrics.mean_auroc_with_ci(test.labels, score_matrix, bootstrap, seed)
+    accuracies = list(result["accuracy"].values())
+    result["mean_accuracy"] = float(np.mean(accuracies)) if accuracies else float("nan")
     return result
 
 
@@ -163,12 +168,16 @@ def finetune_auroc(
             scores.append(out.float().cpu().numpy())
             labels.append(batch["labels"][:, 0].numpy())
     scores, labels = np.concatenate(scores), np.concatenate(labels)
-    result = {"epochs": epochs, "lr": lr, "auroc": {}}
+    result = {"epochs": epochs, "lr": lr, "auroc": {}, "accuracy": {}}
     for j, name in enumerate(CHEXPERT_LABELS):
         mask, y = metrics.binary_labels(labels[:, j])
         result["auroc"][name] = metrics.auroc_with_ci(y, scores[mask, j], bootstrap, seed)
+        if y.size:
+            result["accuracy"][name] = float(np.mean((scores[mask, j] > 0) == (y > 0.5)))
     defined = [v["value"] for v in result["auroc"].values() if not math.isnan(v["value"])]
     result["mean_auroc"] = float(np.mean(defined)) if defined else float("nan")
+    accuracies = list(result["accuracy"].values())
+    result["mean_accuracy"] = float(np.mean(accuracies)) if accuracies else float("nan")
     return result
 
 
@@ -240,6 +249,8 @@ def evaluate(
             "auroc": {k: v["auroc"] for k, v in per_fraction.items()},
             "mean_auroc": {k: v["mean_auroc"] for k, v in per_fraction.items()},
             "mean_auroc_ci": {k: v["mean_auroc_ci"] for k, v in per_fraction.items()},
+            "accuracy": {k: v["accuracy"] for k, v in per_fraction.items()},
+            "mean_accuracy": {k: v["mean_accuracy"] for k, v in per_fraction.items()},
             "train_studies": {k: v["train_studies"] for k, v in per_fraction.items()},
             "C": {k: v["C"] for k, v in per_fraction.items()},
             "samples": {k: len(v) for k, v in splits.items() if v is not None},
@@ -254,6 +265,7 @@ def evaluate(
             [name] + [block["auroc"][k][name] for k in fraction_keys] for name in CHEXPERT_LABELS
         ]
         rows.append(["mean"] + [block["mean_auroc"][k] for k in fraction_keys])
+        rows.append(["mean accuracy"] + [block["mean_accuracy"][k] for k in fraction_keys])
         rows.append(["training studies"] + [block["train_studies"][k] for k in fraction_keys])
         tables.append(
             Table(
@@ -275,6 +287,7 @@ def evaluate(
         )
         rows = [[n, results["finetune"]["auroc"][n]] for n in CHEXPERT_LABELS]
         rows.append(["mean", results["finetune"]["mean_auroc"]])
+        rows.append(["mean accuracy", results["finetune"]["mean_accuracy"]])
         tables.append(
             Table(
                 "Fine-tuned encoder + linear head (100% labels)",

@@ -256,6 +256,10 @@ class TextEncoder(Encoder):
     def encode_sentences(self, input_ids, attention_mask) -> torch.Tensor:
         return self.tower.encode_sentences(input_ids, attention_mask)
 
+    def encode_tokens(self, input_ids, attention_mask) -> torch.Tensor:
+        """``N×L×H`` token states (for a ``model.text_head`` that pools them itself)."""
+        return self.tower.encode_tokens(input_ids, attention_mask)
+
     def encode_words(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states ``N×L×H`` and the mask of real words ``N×L`` (no special tokens)."""
         states = self.tower.encode_tokens(input_ids, attention_mask)

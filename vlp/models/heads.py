@@ -112,13 +112,27 @@ class LogitScale(nn.Module):
 # ------------------------------------------------------------------ global heads
 
 
+@dataclass
+class AttentionPoolConfig:
+    """Shape of the ``attention_pool`` heads (``model.attention_pool``)."""
+
+    #: learned queries; their outputs are averaged into one vector.
+    queries: int = 1
+    heads: int = 4
+
+
 class GlobalHead(nn.Module):
-    """Forms an image encoder's ``B×D`` global embedding from its pooled feature and its
-    projected local tokens. Kinds register as ``global_head`` (``model.global_head``)."""
+    """Forms a ``B×D`` embedding from a pooled feature and a set of tokens: an image
+    encoder's global embedding from its projected local tokens (``model.global_head``), or
+    the report embedding from the text tower's token states (``model.text_head``). ``mask``
+    (bool ``B×N``) marks real tokens; None means all are. Kinds register as ``global_head``
+    and are built with ``(pooled_dim, local_dim, embed_dim, projection, where, pool)``."""
 
     out_dim: int
 
-    def forward(self, pooled: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pooled: torch.Tensor, local: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -126,12 +140,12 @@ class GlobalHead(nn.Module):
 class PooledProjection(GlobalHead):
     """``pool``: the tower's pooled feature through a projection head (CLIP, ConVIRT)."""
 
-    def __init__(self, pooled_dim: int, local_dim: int, embed_dim: int, projection, where):
+    def __init__(self, pooled_dim, local_dim, embed_dim, projection, where, pool=None):
         super().__init__()
         self.head = ProjectionHead(pooled_dim, embed_dim, projection, where)
         self.out_dim = self.head.out_dim
 
-    def forward(self, pooled, local):
+    def forward(self, pooled, local, mask=None):
         return self.head(pooled)
 
 
@@ -140,9 +154,56 @@ class MeanOfLocal(GlobalHead):
     """``mean_local``: the mean of the projected local tokens (BioViL, Boecking et al. 2022),
     so global and local features share one space."""
 
-    def __init__(self, pooled_dim: int, local_dim: int, embed_dim: int, projection, where):
+    def __init__(self, pooled_dim, local_dim, embed_dim, projection, where, pool=None):
         super().__init__()
         self.out_dim = local_dim
 
-    def forward(self, pooled, local):
-        return local.mean(dim=1)
+    def forward(self, pooled, local, mask=None):
+        if mask is None:
+            return local.mean(dim=1)
+        weight = mask.unsqueeze(-1).to(local.dtype)
+        return (local * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+
+
+@register("global_head", "attention_pool")
+class AttentionPool(GlobalHead):
+    """``attention_pool``: learned queries attend over the tokens (multi-head
+    cross-attention over layer-normalised tokens, padding masked), their outputs averaged
+    and projected. Lee et al. 2019's pooling by multi-head attention, as in CoCa's
+    attentional pooler (Yu et al. 2022); what pools a frozen decoder-only LM's token states
+    and MAE's patch tokens in ``recipes/mae_llama.yaml``."""
+
+    def __init__(self, pooled_dim, local_dim, embed_dim, projection, where, pool=None):
+        super().__init__()
+        pool = pool or AttentionPoolConfig()
+        if pool.queries < 1:
+            raise ValueError(f"model.attention_pool.queries must be >= 1, got {pool.queries}")
+        if local_dim % pool.heads:
+            raise ValueError(
+                f"model.attention_pool.heads ({pool.heads}) must divide the token width "
+                f"{local_dim} ({where})"
+            )
+        self.query = nn.Parameter(torch.randn(pool.queries, local_dim) * 0.02)
+        self.norm = nn.LayerNorm(local_dim)
+        self.attention = nn.MultiheadAttention(local_dim, pool.heads, batch_first=True)
+        self.head = ProjectionHead(local_dim, embed_dim, projection, where)
+        self.out_dim = self.head.out_dim
+
+    def attention_weights(self, local, mask=None) -> torch.Tensor:
+        """``B×Q×N`` attention of each query over the tokens (averaged over heads)."""
+        return self._attend(local, mask)[1]
+
+    def _attend(self, local, mask):
+        tokens = self.norm(local)
+        query = self.query.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        ignore = None
+        if mask is not None:
+            # A row without tokens attends to its first (padding) token rather than to
+            # nothing, which would be NaN; such rows are empty texts, masked downstream.
+            ignore = ~mask.bool()
+            ignore[:, 0] &= mask.bool().any(1)
+        return self.attention(query, tokens, tokens, key_padding_mask=ignore)
+
+    def forward(self, pooled, local, mask=None):
+        pooled_tokens, _ = self._attend(local, mask)
+        return self.head(pooled_tokens.mean(dim=1))

@@ -19,7 +19,7 @@ from torch import nn
 from vlp.data.batch import at_time, current_text
 from vlp.data.requirements import Requirements
 from vlp.models.encoders import Encoder, ImageEncoding, encoder_specs
-from vlp.models.heads import HeadConfig, ProjectionHead
+from vlp.models.heads import AttentionPoolConfig, HeadConfig, ProjectionHead
 from vlp.registry import build, get
 
 __all__ = ["FeatureDims", "ModelConfig", "VLPModel", "build_model", "produced_features"]
@@ -56,8 +56,15 @@ class ModelConfig:
     share_sentence_head: bool = False
     #: how an image encoder's global embedding is formed, a registered ``global_head``:
     #: ``pool`` (project the tower's pooled feature) or ``mean_local`` (mean of the projected
-    #: local features, BioViL's; needs embed_dim == local_dim).
+    #: local features, BioViL's; needs embed_dim == local_dim) or ``attention_pool``
+    #: (learned queries over the projected local tokens).
     global_head: str = "pool"
+    #: how the report embedding is formed: ``pool`` (project the text tower's pooled
+    #: vector) or a ``global_head`` kind over the tower's token states, e.g.
+    #: ``attention_pool`` (learned queries over a frozen LM's token states).
+    text_head: str = "pool"
+    #: queries and heads of every ``attention_pool`` head.
+    attention_pool: AttentionPoolConfig = field(default_factory=AttentionPoolConfig)
     #: width of the projected report tokens (``report_words``, through the local head's
     #: shape), for word–region objectives; None builds no word head.
     word_dim: int | None = None
@@ -147,13 +154,32 @@ class VLPModel(nn.Module):
                 cfg.embed_dim,
                 cfg.projection,
                 "model.projection",
+                cfg.attention_pool,
             )
         sentence_out = None
         if self.text_encoder is not None:
             width = encoders[self.text_encoder].hidden_size
-            self.heads["report"] = ProjectionHead(
-                width, cfg.embed_dim, cfg.projection, "model.projection"
-            )
+            if cfg.text_head == "pool":
+                self.heads["report"] = ProjectionHead(
+                    width, cfg.embed_dim, cfg.projection, "model.projection"
+                )
+            else:
+                if cfg.share_sentence_head:
+                    raise ValueError(
+                        f"model.share_sentence_head needs text_head: pool (got "
+                        f"{cfg.text_head!r}): sentences are embedded from pooled vectors"
+                    )
+                self.heads["report"] = build(
+                    "global_head",
+                    cfg.text_head,
+                    None,
+                    width,
+                    width,
+                    cfg.embed_dim,
+                    cfg.projection,
+                    "model.text_head",
+                    cfg.attention_pool,
+                )
             if not cfg.share_sentence_head:
                 self.heads["sentence"] = ProjectionHead(
                     width, sentence_dim, cfg.projection, "model.projection"
@@ -214,6 +240,15 @@ class VLPModel(nn.Module):
             features[f"{name}_{key}"] = value
         return features
 
+    def _report_embeddings(self, input_ids, attention_mask) -> torch.Tensor:
+        """Projected report embeddings: the report head over the tower's pooled vector
+        (``text_head: pool``) or over its token states and mask (other kinds)."""
+        head = self.heads["report"]
+        if isinstance(head, ProjectionHead):
+            return head(self.text.encode_reports(input_ids, attention_mask))
+        states = self.text.encode_tokens(input_ids, attention_mask)
+        return head(None, states, attention_mask.bool())
+
     def _sentence_embeddings(self, input_ids, attention_mask) -> torch.Tensor:
         pooled = self.text.encode_sentences(input_ids, attention_mask)
         return self.heads["sentence" if "sentence" in self.heads else "report"](pooled)
@@ -249,16 +284,15 @@ class VLPModel(nn.Module):
                     "model has no text encoder)"
                 )
             if kind == "report" and need is not None and REPORT_SERIES in need:
-                rows = self.text.encode_reports(batch[ids], batch["report_attention_mask"])
+                rows = self._report_embeddings(batch[ids], batch["report_attention_mask"])
                 steps = batch["study_mask"].shape[1]
-                features[REPORT_SERIES] = self.heads["report"](rows).unflatten(0, (-1, steps))
+                features[REPORT_SERIES] = rows.unflatten(0, (-1, steps))
             tokens, mask, index = current_text(batch, kind)
             if kind == "report":
                 if REPORT_SERIES in features:  # the current reports are its first step
                     features["report"] = features[REPORT_SERIES][:, 0]
                 elif need is None or "report" in need:
-                    pooled = self.text.encode_reports(tokens, mask)
-                    features["report"] = self.heads["report"](pooled)
+                    features["report"] = self._report_embeddings(tokens, mask)
                 if "report_words" in self.heads and (need is None or "report_words" in need):
                     states, words = self.text.encode_words(tokens, mask)
                     features["report_words"] = self.heads["report_words"](states)
@@ -305,8 +339,7 @@ class VLPModel(nn.Module):
             raise ValueError("the model has no text encoder (model.encoders.text is null)")
         tokens = self.text.tokenize(texts)
         if kind == "report":
-            pooled = self.text.encode_reports(tokens["input_ids"], tokens["attention_mask"])
-            return self.heads["report"](pooled)
+            return self._report_embeddings(tokens["input_ids"], tokens["attention_mask"])
         if kind == "sentence":
             return self._sentence_embeddings(tokens["input_ids"], tokens["attention_mask"])
         raise ValueError(f"encode_text kind must be 'report' or 'sentence', got {kind!r}")

@@ -7,13 +7,18 @@ Registered towers (``vlp.registry`` kind ``text_tower``):
     package, the offline default.
 ``tiny``
     a randomly initialised small BERT that reuses the MiniLM tokenizer (tests, smoke runs).
+``tiny_llama``
+    a randomly initialised small LLaMA (decoder-only, causal attention) with the MiniLM
+    tokenizer: the offline stand-in for a LLaMA checkpoint in tests.
 ``hf``
     any other ``AutoModel`` by Hub name (already in the local cache) or local folder. A bare
-    name that is not registered goes here.
+    name that is not registered goes here; a causal LM checkpoint (``LlamaForCausalLM``,
+    e.g. LLaMA-2-7b) loads as its base model (``LlamaModel``), the token states we pool.
 
 Everything is loaded with ``local_files_only=True``: nothing is downloaded at run time.
 The tower exposes ``.tokenizer`` (the loader tokenises in its workers) and pools token
-states to one vector per text ([CLS] or masked mean). All sentences of a batch arrive flat
+states to one vector per text ([CLS], masked mean, or the last real token, the only one
+a causal LM lets see the whole text). All sentences of a batch arrive flat
 (``S×Ls``) and are embedded in one call.
 """
 
@@ -29,7 +34,7 @@ from torch import nn
 
 from vlp.registry import names, register
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "last")
 
 
 @dataclass
@@ -38,7 +43,8 @@ class TextTowerConfig:
 
     #: ``minilm``, ``tiny``, a local model folder or a Hub name present in the local cache.
     name: str = "minilm"
-    #: pooling of report tokens: ``cls`` (last-layer [CLS]) or ``mean`` (masked mean).
+    #: pooling of report tokens: ``cls`` (last-layer [CLS]), ``mean`` (masked mean) or
+    #: ``last`` (the last real token: decoder-only LMs).
     pooling: str = "mean"
     #: pooling of sentence tokens.
     sentence_pooling: str = "mean"
@@ -57,6 +63,15 @@ class HFTextParams:
     model_name: str = ""
     #: tokenizer folder/name when it differs from the model's.
     tokenizer: str | None = None
+
+
+@dataclass
+class TinyLlamaParams:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
 
 
 @dataclass
@@ -102,9 +117,19 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(name), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(name), local_files_only=True)
     except (OSError, ValueError) as err:
         raise _not_available(str(name), err) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # LLaMA's tokenizer has no padding token; padded positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def last_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (left or right padding); 0 for an empty row."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * (positions + 1)).argmax(1)
 
 
 class TextTower(nn.Module):
@@ -203,6 +228,8 @@ class TextTower(nn.Module):
         if pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(states.dtype)
             return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        if pooling == "last":
+            return states[torch.arange(states.shape[0]), last_token(attention_mask)]
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
 
     def encode_reports(self, input_ids, attention_mask) -> torch.Tensor:
@@ -275,6 +302,25 @@ def build_tiny(params: TinyTextParams, cfg: TextTowerConfig) -> TextTower:
         attention_probs_dropout_prob=params.dropout,
     )
     return TextTower(BertModel(config, add_pooling_layer=False), tokenizer, cfg)
+
+
+@register("text_tower", "tiny_llama", config=TinyLlamaParams)
+def build_tiny_llama(params: TinyLlamaParams, cfg: TextTowerConfig) -> TextTower:
+    """A random small LLaMA (causal self-attention, RoPE, RMSNorm) with MiniLM's tokenizer."""
+    from transformers import LlamaConfig, LlamaModel
+
+    tokenizer = load_tokenizer(str(minilm_path()))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=params.hidden_size,
+        num_hidden_layers=params.num_layers,
+        num_attention_heads=params.num_heads,
+        num_key_value_heads=params.num_heads,
+        intermediate_size=params.intermediate_size,
+        max_position_embeddings=params.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return TextTower(LlamaModel(config), tokenizer, cfg)
 
 
 @register("text_tower", "hf", config=HFTextParams)

@@ -86,6 +86,14 @@ class TrainConfig:
     #: stop after this many minutes of training (checkpoint saved, ``--resume auto``
     #: continues); 0 = no limit. A guard for fixed budgets such as ``vlp demo``.
     time_limit_minutes: float = 0.0
+    #: warm start: an export folder (``vlp export``: model.safetensors) or a run directory
+    #: holding ``export/``, whose tensors initialise the model before training (a resumed
+    #: checkpoint then overrides them). E.g. an MAE encoder for ``recipes/mae_llama.yaml``.
+    init_from: str | None = None
+    #: the parameter names loaded from ``init_from``: those under these prefixes of the
+    #: training module (``model.encoders.image``, ``model.heads``); empty = every tensor
+    #: both have. Each selected tensor must exist in both with the same shape.
+    init_include: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.steps < 1:

@@ -56,6 +56,70 @@ def export(run_dir: str | Path, out: str | Path | None = None, step: int | None 
     return out
 
 
+def weights_file(path: str | Path) -> Path:
+    """``model.safetensors`` of an export folder or of a run directory's ``export/``."""
+    path = Path(path)
+    for candidate in (path / WEIGHTS, path / "export" / WEIGHTS):
+        if candidate.is_file():
+            return candidate
+    if path.is_file() and path.name.endswith(".safetensors"):
+        return path
+    raise FileNotFoundError(
+        f"{path}: no {WEIGHTS} here or in {path / 'export'} (run `vlp export RUN_DIR` first)"
+    )
+
+
+def warm_start(module, path: str | Path, include: list[str] | tuple[str, ...] = ()) -> int:
+    """Copy the tensors of an export into ``module`` (a training module), before training.
+
+    ``include`` lists name prefixes (``model.encoders.image``); empty selects every name
+    the export and the module share. A selected name missing on either side, or with
+    another shape, is an error that lists them: a warm start that silently loaded nothing
+    would train from scratch. Returns the number of tensors loaded.
+    """
+    from safetensors.torch import load_file
+
+    file = weights_file(path)
+    saved = load_file(str(file))
+    own = module.state_dict()
+
+    def selected(name: str) -> bool:
+        return not include or any(name == p or name.startswith(p + ".") for p in include)
+
+    if include:
+        wanted = {n for n in own if selected(n)} | {n for n in saved if selected(n)}
+    else:
+        wanted = set(own) & set(saved)
+    missing = sorted(n for n in wanted if n not in saved)
+    extra = sorted(n for n in wanted if n not in own)
+    shapes = sorted(
+        f"{n} {tuple(saved[n].shape)} vs {tuple(own[n].shape)}"
+        for n in wanted
+        if n in saved and n in own and saved[n].shape != own[n].shape
+    )
+    if missing or extra or shapes or not wanted:
+        raise ValueError(
+            f"train.init_from {file}: cannot initialise the model from it "
+            f"(selected by init_include {list(include) or 'all'}): "
+            + "; ".join(
+                part
+                for part in (
+                    f"not in the export: {missing[:5]}" if missing else "",
+                    f"not in the model: {extra[:5]}" if extra else "",
+                    f"other shapes: {shapes[:3]}" if shapes else "",
+                    "no tensor in common" if not wanted else "",
+                )
+                if part
+            )
+        )
+    import torch
+
+    with torch.no_grad():
+        for name in sorted(wanted):
+            own[name].copy_(saved[name].to(own[name].dtype))
+    return len(wanted)
+
+
 def load_model(path: str | Path, device: str = "cpu"):
     """Rebuild the training module (model and objectives, whose scorers the evaluators use)
     of an export folder, or of a run directory (exporting it first); returns it in eval

@@ -135,6 +135,18 @@ def check_shards_exist(cfg: RecipeConfig, source: str | None) -> None:
         raise ConfigError(source, "data.shards", str(err)) from None
 
 
+def check_init_from(cfg: RecipeConfig, source: str | None) -> None:
+    """``train.init_from`` must name an export before anything heavy starts."""
+    from vlp.config.loader import ConfigError
+    from vlp.training.export import weights_file
+
+    if cfg.train.init_from:
+        try:
+            weights_file(cfg.train.init_from)
+        except FileNotFoundError as err:
+            raise ConfigError(source, "train.init_from", str(err)) from None
+
+
 def pretrain(
     recipe: str | Path | RecipeConfig,
     *,
@@ -151,6 +163,7 @@ def pretrain(
     cfg = recipe if isinstance(recipe, RecipeConfig) else load_recipe(recipe, overrides or [])
     if batch_source is None:
         check_shards_exist(cfg, None if isinstance(recipe, RecipeConfig) else str(recipe))
+        check_init_from(cfg, None if isinstance(recipe, RecipeConfig) else str(recipe))
     # Loader workers tokenise after fork; HF's Rust tokenizer threads must not be live then.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -202,6 +215,11 @@ def pretrain(
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.train.seed)
     module = build_pretraining_module(cfg.model, cfg.objectives, cfg.data.image_size)
+    if cfg.train.init_from:
+        from vlp.training.export import warm_start
+
+        loaded = warm_start(module, cfg.train.init_from, cfg.train.init_include)
+        LOG.info("initialised %d tensors from %s", loaded, cfg.train.init_from)
     if cfg.deepspeed.activation_checkpointing:
         module.model.set_grad_checkpointing(True)
     groups = optim.param_groups(param_groups_of(module), cfg.optim)
