@@ -268,8 +268,9 @@ def _version() -> str:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from vlp.config.loader import ConfigError
+    from vlp.data.loader import TooManySkipped
 
-    return (UserError, FileNotFoundError, ConfigError)
+    return (UserError, FileNotFoundError, ConfigError, TooManySkipped)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,19 @@ if TYPE_CHECKING:
     from vlp.data.loader import LoaderConfig
 
 
+#: why a sample was skipped, as counted by the loader (``LoaderStats.skipped_by_reason``):
+#: an image that does not decode or is missing, text missing or not UTF-8, a bad JSON
+#: record, and samples lost in a damaged (truncated, corrupt) shard.
+SKIP_REASONS = ("image", "text", "record", "damaged_shard")
+
+
 class SampleError(ValueError):
-    """One sample cannot be used; the loader skips it and counts it."""
+    """One sample cannot be used; the loader skips it and counts it under ``reason`` (one
+    of :data:`SKIP_REASONS`)."""
+
+    def __init__(self, message: str, reason: str = "record"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def decode_radiograph(
@@ -65,7 +76,7 @@ def decode_radiograph(
             box = crop_box(gray.size[0], gray.size[1], augment, rng)
             resized = gray.resize((out_size, out_size), Image.Resampling.BILINEAR, box=box)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise SampleError(f"cannot decode JPEG: {type(exc).__name__}: {exc}") from exc
+        raise SampleError(f"cannot decode JPEG: {type(exc).__name__}: {exc}", "image") from exc
     image = torch.from_numpy(np.array(resized, dtype=np.uint8)).unsqueeze(0)
     if augment.affine:
         image = random_affine(image, augment, rng)
@@ -172,7 +183,7 @@ class StudyDecoder:
                 raw[member], self.cfg.image_size, self.cfg.augment, rng, self.cfg.draft_max_upscale
             )
         except SampleError as exc:
-            raise SampleError(f"{member}: {exc}") from exc
+            raise SampleError(f"{member}: {exc}", exc.reason) from exc
         out.images += 1
         out.reduced += scale > 1
         return image
@@ -188,13 +199,13 @@ class StudyDecoder:
         if not isinstance(record, dict):
             raise SampleError(f"json member must be an object, got {type(record).__name__}")
         if "txt" not in raw:
-            raise SampleError("missing txt member")
+            raise SampleError("missing txt member", "text")
         try:
             report = raw["txt"].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise SampleError(f"txt member is not UTF-8: {exc}") from exc
+            raise SampleError(f"txt member is not UTF-8: {exc}", "text") from exc
         if "frontal.jpg" not in raw:
-            raise SampleError("missing frontal.jpg member")
+            raise SampleError("missing frontal.jpg member", "image")
         labels, severity = _labels(record)
         out = _Decoded(key=key, steps=[], labels=labels, edema_severity=severity, meta=record)
         current = _Step(

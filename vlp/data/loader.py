@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.data.collate import collate_studies
 from vlp.data.decode import SampleError, StudyDecoder
 from vlp.data.schema import BATCH_VIEWS
-from vlp.data.shards import Shard, ShardError, iter_tar_samples, resolve_shards
+from vlp.data.shards import DamagedShard, Shard, ShardError, iter_tar_samples, resolve_shards
 from vlp.data.transforms import AugmentConfig
 
 if TYPE_CHECKING:
@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+#: Key of the marker sample that reports a damaged shard, and its reason category.
+DAMAGE = "__damaged__"
+DAMAGED = "damaged_shard"
 #: How many skipped samples are kept by name in :class:`LoaderStats` (the count is exact).
 MAX_SKIPPED_LISTED = 1000
 _SENTENCE_SAMPLING = ("first", "random")
@@ -102,6 +105,11 @@ class LoaderConfig:
     # softer); 1.0 never upsamples a draft-decoded image
     draft_max_upscale: float = 1.0
     drop_last: bool = False  # drop each worker's last partial batch (non-resampled mode)
+    #: the trainer stops (listing the worst shards) when more than this fraction of the
+    #: samples seen on all ranks were skipped (corrupt, damaged shards), once it has seen
+    #: ``skip_check_after`` samples; 1.0 never stops.
+    max_skipped_fraction: float = 0.1
+    skip_check_after: int = 500
     prefetch_factor: int = 2
     pin_memory: bool = False
 
@@ -127,6 +135,10 @@ class LoaderConfig:
         if self.prior_views is not None and not set(self.prior_views) <= set(self.views):
             problems.append(
                 f"prior_views must be a subset of views {self.views}, got {self.prior_views}"
+            )
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            problems.append(
+                f"max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}"
             )
         if self.draft_max_upscale < 1.0:
             problems.append(f"draft_max_upscale must be >= 1, got {self.draft_max_upscale}")
@@ -209,6 +221,18 @@ class _StudyStream(IterableDataset):
         self.quotas = loader.worker_batch_quota()  # per logical worker; None = until exhausted
         self.decoder = StudyDecoder(self.cfg)
 
+    def _shard_samples(self, shard: Shard) -> Iterator[dict]:
+        """The raw samples of one shard; if it is damaged, those read before the damage and
+        then one marker sample that says what was lost (counted by the main process)."""
+        read = 0
+        try:
+            for sample in iter_tar_samples(shard.url, self.decoder.members):
+                read += 1
+                yield sample
+        except DamagedShard as exc:
+            lost = None if shard.samples is None else max(0, shard.samples - read)
+            yield {"__key__": "", "__url__": shard.url, DAMAGE: (str(exc), read, lost)}
+
     def _resampled_source(self, worker: int) -> Iterator[dict]:
         rng = _seeded("resample", self.cfg.seed, self.epoch, self.rank, worker)
         counts = [s.samples for s in self.shards]
@@ -217,7 +241,7 @@ class _StudyStream(IterableDataset):
         while True:
             shard = rng.choices(self.shards, weights=weights)[0]
             produced = False
-            for sample in iter_tar_samples(shard.url, self.decoder.members):
+            for sample in self._shard_samples(shard):
                 produced = True
                 yield sample
             draws_without_samples = 0 if produced else draws_without_samples + 1
@@ -233,13 +257,9 @@ class _StudyStream(IterableDataset):
         slots = self.world_size * self.workers
         if len(order) >= slots:
             mine = order[self.rank :: self.world_size][worker :: self.workers]
-            return itertools.chain.from_iterable(
-                iter_tar_samples(s.url, self.decoder.members) for s in mine
-            )
+            return itertools.chain.from_iterable(self._shard_samples(s) for s in mine)
         slot = self.rank * self.workers + worker
-        every = itertools.chain.from_iterable(
-            iter_tar_samples(s.url, self.decoder.members) for s in order
-        )
+        every = itertools.chain.from_iterable(self._shard_samples(s) for s in order)
         return (sample for i, sample in enumerate(every) if i % slots == slot)
 
     def raw_stream(self, worker: int) -> Iterator[dict]:
@@ -266,7 +286,7 @@ class _StudyStream(IterableDataset):
         for _ in itertools.islice(stream, position):
             pass
         pending: list[_Decoded] = []
-        errors: list[tuple[str, str, str]] = []
+        errors: list[tuple] = []
         images = reduced = 0
 
         def item(batch: dict) -> dict:
@@ -282,11 +302,15 @@ class _StudyStream(IterableDataset):
             if raw is None:
                 break
             position += 1
+            if DAMAGE in raw:
+                reason, read, lost = raw[DAMAGE]
+                errors.append((raw["__url__"], "", reason, DAMAGED, lost, read))
+                continue
             rng = _seeded("augment", self.cfg.seed, self.epoch, self.rank, worker, position)
             try:
                 study = self.decoder(raw, rng)
             except SampleError as exc:
-                errors.append((raw["__url__"], raw["__key__"], str(exc)))
+                errors.append((raw["__url__"], raw["__key__"], str(exc), exc.reason, 1, None))
                 continue
             images += study.images
             reduced += study.reduced
@@ -304,20 +328,40 @@ class _StudyStream(IterableDataset):
 # --------------------------------------------------------------------------- loader
 
 
+class TooManySkipped(RuntimeError):
+    """More of the data was skipped than ``data.max_skipped_fraction`` allows."""
+
+
 @dataclass
 class LoaderStats:
     """Counters of one loader, kept across epochs and restored with the state."""
 
     samples_yielded: int = 0
     batches_yielded: int = 0
+    #: samples skipped, including those lost in damaged shards (when the manifest says how
+    #: many the shard held; otherwise a damaged shard counts the shard, not its samples).
     samples_skipped: int = 0
     skipped: list[list[str]] = field(default_factory=list)  # [shard, key, reason], first 1000
+    #: skipped samples by reason (``vlp.data.decode.SKIP_REASONS``) and by shard url.
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    skipped_by_shard: dict[str, int] = field(default_factory=dict)
+    #: shards that could not be read to their end: [shard, reason, samples read].
+    damaged_shards: list[list] = field(default_factory=list)
     images_decoded: int = 0
     images_draft_reduced: int = 0
     data_wait_s: float = 0.0  # time the main process waited for batches
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples yielded plus skipped: the denominator of the skipped fraction."""
+        return self.samples_yielded + self.samples_skipped
+
+    def worst_shards(self, n: int = 10) -> list[tuple[str, int]]:
+        """The ``n`` shards with the most skipped samples, most first."""
+        return sorted(self.skipped_by_shard.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
 def _as_is(item: dict) -> dict:
@@ -432,11 +476,26 @@ class VLPLoader:
 
     def _count(self, item: dict) -> None:
         errors = item.pop("_errors")
-        self.stats.samples_skipped += len(errors)
-        for shard, key, reason in errors:
-            log.warning("skipped sample %s in %s: %s", key, shard, reason)
-            if len(self.stats.skipped) < MAX_SKIPPED_LISTED:
-                self.stats.skipped.append([shard, key, reason])
+        stats = self.stats
+        # (shard, key, reason, reason category, samples skipped, samples read before damage)
+        for shard, key, reason, kind, count, read in errors:
+            if kind == DAMAGED:
+                stats.damaged_shards.append([shard, reason, read])
+                log.warning(
+                    "damaged shard %s: %s; kept its first %d samples, skipped %s",
+                    shard,
+                    reason.removeprefix(f"{shard}: "),
+                    read,
+                    "the rest" if count is None else f"{count} more (per its manifest)",
+                )
+                count = count or 0
+            else:
+                log.warning("skipped sample %s in %s: %s", key, shard, reason)
+            stats.samples_skipped += count
+            stats.skipped_by_reason[kind] = stats.skipped_by_reason.get(kind, 0) + count
+            stats.skipped_by_shard[shard] = stats.skipped_by_shard.get(shard, 0) + count
+            if len(stats.skipped) < MAX_SKIPPED_LISTED:
+                stats.skipped.append([shard, key, reason])
         self.stats.images_decoded += item.pop("_images")
         self.stats.images_draft_reduced += item.pop("_reduced")
 

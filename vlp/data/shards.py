@@ -41,6 +41,12 @@ class ShardError(ValueError):
     """A shard (or the shard list) violates the schema; training must not go on with it."""
 
 
+class DamagedShard(ShardError):
+    """A shard that cannot be read to its end (truncated, corrupt tar). The loader keeps
+    the samples read before the damage, skips the rest and counts them; refusals of what a
+    shard contains (unsafe member names, disallowed suffixes) stay :class:`ShardError`."""
+
+
 @dataclass(frozen=True)
 class Shard:
     url: str
@@ -138,6 +144,9 @@ def iter_tar_samples(url: str, wanted: frozenset[str] | None = None) -> Iterator
         # Random access is much cheaper per member than tarfile's stream mode; pipes and
         # remote streams cannot seek and use the stream mode.
         seekable = getattr(stream, "seekable", lambda: False)()
+        size = stream.seek(0, 2) if seekable else None
+        if seekable:
+            stream.seek(0)
         with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:
             current: dict | None = None
             for info in tar:
@@ -171,9 +180,17 @@ def iter_tar_samples(url: str, wanted: frozenset[str] | None = None) -> Iterator
                 if wanted is None or suffix in wanted:
                     member = tar.extractfile(info)
                     current[suffix] = member.read() if member is not None else b""
+            # tarfile ends its iteration quietly at a header cut short; a complete archive
+            # ends with two zero blocks, so fewer bytes left than that means truncation
+            # (the sample in progress may be incomplete: it is not yielded).
+            uncompressed = tar.fileobj is stream  # offsets are file offsets
+            if size is not None and uncompressed and size - tar.offset < 2 * tarfile.BLOCKSIZE:
+                raise DamagedShard(
+                    f"{url}: truncated: {size} bytes end without the tar end-of-archive marker"
+                )
             if current is not None:
                 yield current
-    except tarfile.TarError as exc:
-        raise ShardError(f"{url}: not a readable tar archive: {exc}") from exc
+    except (tarfile.TarError, EOFError) as exc:
+        raise DamagedShard(f"{url}: not a readable tar archive: {exc}") from exc
     finally:
         stream.close()

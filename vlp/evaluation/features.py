@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,6 +354,15 @@ def extract_features(
     model.train(was_training)
     if not keys:
         raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")
+    stats = loader.stats
+    if stats.samples_skipped:
+        # Counted as in training: per reason and per shard, never dropped silently.
+        print(
+            f"{data}: skipped {stats.samples_skipped} of {stats.samples_seen} samples ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(stats.skipped_by_reason.items()))
+            + f"); most per shard: {stats.worst_shards(5)}",
+            file=sys.stderr,
+        )
     feats = Features(
         keys=keys,
         meta=meta,

@@ -64,14 +64,16 @@ class Monitor:
             done = step - self._start_step
             elapsed = time.perf_counter() - self._t0
             eta = elapsed / max(done, 1) * (self.total_steps - step)
+            skipped = scalars.get("data/samples_skipped", 0.0)
             LOG.info(
-                "step %d/%d loss %.4f | %.1f samples/s | data wait %.0f%% | eta %.0fs",
+                "step %d/%d loss %.4f | %.1f samples/s | data wait %.0f%% | eta %.0fs%s",
                 step,
                 self.total_steps,
                 loss,
                 rate,
                 100 * scalars.get("perf/data_wait_fraction", 0.0),
                 eta,
+                f" | skipped {skipped:.0f} samples" if skipped else "",
             )
 
     def close(self) -> None:

@@ -147,6 +147,58 @@ def check_init_from(cfg: RecipeConfig, source: str | None) -> None:
             raise ConfigError(source, "train.init_from", str(err)) from None
 
 
+def _data_counts(loader) -> list[float]:
+    """This rank's loader counters, summed over ranks each step: samples seen, skipped,
+    skipped per reason, damaged shards (zeros for a ``batch_source``)."""
+    from vlp.data.decode import SKIP_REASONS
+
+    if loader is None:
+        return [0.0] * (3 + len(SKIP_REASONS))
+    stats = loader.stats
+    by_reason = [float(stats.skipped_by_reason.get(r, 0)) for r in SKIP_REASONS]
+    return [
+        float(stats.samples_seen),
+        float(stats.samples_skipped),
+        *by_reason,
+        float(len(stats.damaged_shards)),
+    ]
+
+
+def _data_scalars(totals: list[float]) -> dict[str, float]:
+    """TensorBoard scalars of the summed loader counters (``_data_counts``)."""
+    from vlp.data.decode import SKIP_REASONS
+
+    seen, skipped, *by_reason, damaged = totals
+    scalars = {
+        "data/samples_skipped": skipped,
+        "data/skipped_fraction": skipped / seen if seen else 0.0,
+        "data/damaged_shards": damaged,
+    }
+    scalars.update({f"data/skipped_{r}": v for r, v in zip(SKIP_REASONS, by_reason)})
+    scalars["data/samples_seen"] = seen
+    return scalars
+
+
+def _check_skipped(data_cfg, scalars: dict, loader, step: int) -> None:
+    """Stop every rank together (the counts are already summed over ranks) when more of
+    the data was skipped than ``data.max_skipped_fraction`` allows; the last checkpoint
+    is kept, and the message lists this rank's worst shards."""
+    from vlp.data.loader import TooManySkipped
+
+    seen, fraction = scalars["data/samples_seen"], scalars["data/skipped_fraction"]
+    if seen < data_cfg.skip_check_after or fraction <= data_cfg.max_skipped_fraction:
+        return
+    worst = loader.stats.worst_shards(10) if loader is not None else []
+    damaged = [s for s, _, _ in loader.stats.damaged_shards] if loader is not None else []
+    raise TooManySkipped(
+        f"data.max_skipped_fraction: {scalars['data/samples_skipped']:.0f} of {seen:.0f} samples "
+        f"({fraction:.1%}) were skipped by step {step}, more than "
+        f"{data_cfg.max_skipped_fraction:.1%}; this rank's worst shards (skipped samples): "
+        f"{worst}; damaged shards: {damaged}. The last checkpoint is kept: repair or remove "
+        "those shards (or raise data.max_skipped_fraction), then --resume auto continues"
+    )
+
+
 def pretrain(
     recipe: str | Path | RecipeConfig,
     *,
@@ -326,15 +378,20 @@ def pretrain(
             # Mean over micro-batches and ranks: what a single process would have logged.
             names = sorted(logs_sum)
             out_of_time = limit_s > 0 and time.perf_counter() - t_train > limit_s
+            data_counts = _data_counts(loader)
             packed = torch.tensor(
-                [logs_sum[n] / accum for n in names] + [float(flag.raised), float(out_of_time)],
+                [logs_sum[n] / accum for n in names]
+                + data_counts
+                + [float(flag.raised), float(out_of_time)],
                 dtype=torch.float64,
             )
             dist.all_reduce(packed)  # every rank stops at the same step
-            values = (packed[:-2] / world).tolist()
+            values = (packed[: len(names)] / world).tolist()
+            data_totals = packed[len(names) : len(names) + len(data_counts)].tolist()
             preempted, out_of_time = bool(packed[-2] > 0), bool(packed[-1] > 0)
             stop = preempted or out_of_time
             scalars = dict(zip(names, values))
+            scalars.update(_data_scalars(data_totals))
             elapsed = time.perf_counter() - t_step
             for group in optimizer.param_groups:
                 scalars[f"lr/{group.get('name', 'group')}"] = group["lr"]
@@ -353,6 +410,7 @@ def pretrain(
             history["steps"].append(step)
             history["losses"].append(scalars.get("loss/total", float("nan")))
             monitor.step(step, scalars)
+            _check_skipped(cfg.data, scalars, loader, step)
 
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
                 checkpoint.save(engine, run_dir, step, trainer_state(), cfg.checkpoint.keep)
@@ -379,14 +437,18 @@ def pretrain(
                 break
     finally:
         monitor.close()
-    if loader is not None and rank == 0:
+    if loader is not None and loader.stats.samples_skipped:
+        # Corrupt samples are skipped and counted, never silently dropped (each rank
+        # reports its own shards).
         stats = loader.stats
-        if stats.samples_skipped:
-            # Corrupt samples are skipped and counted, never silently dropped.
-            LOG.warning(
-                "loader skipped %d corrupt sample(s); first: %s",
-                stats.samples_skipped,
-                stats.skipped[:5],
-            )
+        LOG.warning(
+            "rank %d skipped %d of %d sample(s) (%s); most per shard: %s; damaged shards: %s",
+            rank,
+            stats.samples_skipped,
+            stats.samples_seen,
+            ", ".join(f"{k} {v}" for k, v in sorted(stats.skipped_by_reason.items())),
+            stats.worst_shards(5),
+            [shard for shard, _, _ in stats.damaged_shards][:5],
+        )
     LOG.info("done at step %d", step)
     return history
