@@ -4,10 +4,12 @@ run continues exactly from the last complete checkpoint."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers.training import DEBUG, ENTRY, SMALL, env_for, run_training
 
@@ -40,3 +42,58 @@ def test_killed_while_checkpointing_resume_auto_skips_the_partial_checkpoint(
     assert resumed["steps"] == [3, 4, 5, 6]
     assert resumed["losses"] == pytest.approx(full["losses"][2:], abs=1e-6)
     assert (partial / "COMPLETE").is_file()  # rewritten whole by the resumed run
+
+
+def _tensorboard(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+NAN = (
+    "objectives=[{name: local_mi, weight: 1.0, estimator: cpc, critic: {kind: separable, "
+    "dim: 32}}, {name: nan_at_steps, weight: 1.0, steps: [3]}]"
+)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights_finite(
+    tmp_path, phantom_cache, stage
+):
+    from safetensors.torch import load_file
+
+    from vlp.training.export import export
+
+    base = [*SMALL, FAULTS, "train.steps=5", f"deepspeed.zero_stage={stage}"]
+    never = NAN.replace("steps: [3]", "steps: []")  # the same objectives, never NaN
+    clean = run_training(tmp_path, "clean", overrides=[*base, never], cache=phantom_cache)[0]
+    hit = run_training(tmp_path, "nan", overrides=[*base, NAN], cache=phantom_cache)[0]
+    assert hit["steps"] == [1, 2, 3, 4, 5]
+    assert hit["losses"][:2] == pytest.approx(clean["losses"][:2], abs=1e-7)
+    assert math.isnan(hit["losses"][2]) and all(math.isfinite(v) for v in hit["losses"][3:])
+    assert _tensorboard(tmp_path / "nan", "train/nonfinite_skipped")[5] == 1.0
+    # The schedule is a function of the step, skipped or not (what resume re-derives).
+    assert _tensorboard(tmp_path / "nan", "lr/image/decay") == _tensorboard(
+        tmp_path / "clean", "lr/image/decay"
+    )
+    # Without the skip a NaN loss would have made every updated weight NaN.
+    weights = load_file(export(tmp_path / "nan") / "model.safetensors")
+    assert all(bool(torch.isfinite(v).all()) for v in weights.values())
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_in_one_line(tmp_path, phantom_cache):
+    nan = NAN.replace("steps: [3]", "steps: [2, 3, 4]")
+    command = [sys.executable, "-m", "vlp.cli", "pretrain", DEBUG,
+               "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    for item in [*SMALL, FAULTS, nan, "train.steps=6", "train.max_nonfinite_steps=2"]:
+        command += ["--set", item]
+    proc = subprocess.run(
+        command, env=env_for(phantom_cache), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "train.max_nonfinite_steps" in last and "2 step(s) in a row up to step 3" in last
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "step-2" / "COMPLETE").is_file()  # from before the bad steps

@@ -269,8 +269,9 @@ def _version() -> str:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from vlp.config.loader import ConfigError
     from vlp.data.loader import TooManySkipped
+    from vlp.training.trainer import NonFiniteLoss
 
-    return (UserError, FileNotFoundError, ConfigError, TooManySkipped)
+    return (UserError, FileNotFoundError, ConfigError, TooManySkipped, NonFiniteLoss)
 
 
 def main(argv: list[str] | None = None) -> int:

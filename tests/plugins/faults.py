@@ -4,13 +4,18 @@ With ``VLP_TEST_KILL_IN_CHECKPOINT=N`` in the environment, the process SIGKILLs 
 while saving checkpoint ``step-N``: after DeepSpeed has written its files and before the
 trainer state and the ``COMPLETE`` marker, the moment a preempted or crashed job leaves a
 partial checkpoint behind. Without the variable it changes nothing.
+
+The objective ``nan_at_steps`` makes the loss NaN on chosen training steps.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass, field
 
+from vlp.objectives.base import Objective, ObjectiveOutput
+from vlp.registry import register
 from vlp.training import checkpoint
 
 _save = checkpoint.save
@@ -25,3 +30,33 @@ def _save_or_die(engine, run_dir, step, trainer_state, keep):
 
 
 checkpoint.save = _save_or_die
+
+
+# ----------------------------------------------------------------- a non-finite loss
+
+
+@dataclass
+class NanAtStepsConfig:
+    #: training forward passes (1-based) whose loss is NaN.
+    steps: list[int] = field(default_factory=list)
+    image_key: str = "image_global"
+
+
+@register("objective", "nan_at_steps", config=NanAtStepsConfig)
+class NanAtSteps(Objective):
+    """Adds 0 to the loss, or NaN on the listed training forward passes."""
+
+    def __init__(self, config: NanAtStepsConfig, dims):
+        super().__init__(config, dims)
+        self.calls = 0
+
+    @classmethod
+    def features_needed(cls, config: NanAtStepsConfig) -> frozenset[str]:
+        return frozenset({config.image_key})
+
+    def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
+        if self.training:
+            self.calls += 1
+        zero = 0.0 * features[self.config.image_key].sum()
+        bad = self.training and self.calls in self.config.steps
+        return ObjectiveOutput({"nan": zero + (float("nan") if bad else 0.0)}, {})

@@ -94,8 +94,14 @@ class TrainConfig:
     #: training module (``model.encoders.image``, ``model.heads``); empty = every tensor
     #: both have. Each selected tensor must exist in both with the same shape.
     init_include: list[str] = field(default_factory=list)
+    #: a step whose loss is not finite on some rank is skipped on every rank (no backward,
+    #: no update; counted as ``train/nonfinite_skipped``); this many in a row stop the run
+    #: with the last checkpoint kept. With gradient accumulation the first one stops it.
+    max_nonfinite_steps: int = 3
 
     def validate(self) -> None:
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.log_every < 1:

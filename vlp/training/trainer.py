@@ -147,6 +147,20 @@ def check_init_from(cfg: RecipeConfig, source: str | None) -> None:
             raise ConfigError(source, "train.init_from", str(err)) from None
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss stayed non-finite for ``train.max_nonfinite_steps`` steps in a row."""
+
+
+def _finite_everywhere(loss) -> bool:
+    """Collective: True when the loss is finite on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
+    dist.all_reduce(flag)
+    return float(flag) == 0.0
+
+
 def _data_counts(loader) -> list[float]:
     """This rank's loader counters, summed over ranks each step: samples seen, skipped,
     skipped per reason, damaged shards (zeros for a ``batch_source``)."""
@@ -348,6 +362,7 @@ def pretrain(
     own_grad_norm = cfg.deepspeed.zero_stage == 0 and not cfg.deepspeed.bf16
     grad_norm = None
     step = start_step
+    nonfinite_total = nonfinite_run = 0
     limit_s = 60.0 * cfg.train.time_limit_minutes
     t_train = time.perf_counter()
     try:
@@ -368,6 +383,35 @@ def pretrain(
                 batch = batch_to(batch, device, non_blocking=True)
                 data_wait += time.perf_counter() - t_data
                 loss, logs = engine(batch)
+                if not _finite_everywhere(loss):
+                    # Skipped on every rank (the check is all-reduced): no backward, no
+                    # update, the schedule still advances so that it stays a function of
+                    # the step (what an exact resume re-derives).
+                    nonfinite_total += 1
+                    nonfinite_run += 1
+                    LOG.warning(
+                        "step %d: the loss is not finite on some rank; step skipped "
+                        "(%d in a row, %d in all)",
+                        step + 1,
+                        nonfinite_run,
+                        nonfinite_total,
+                    )
+                    if accum > 1 or nonfinite_run >= cfg.train.max_nonfinite_steps:
+                        raise NonFiniteLoss(
+                            f"train.max_nonfinite_steps: the loss was not finite in "
+                            f"{nonfinite_run} step(s) in a row up to step {step + 1}"
+                            + (
+                                " (with gradient accumulation a step cannot be skipped)"
+                                if accum > 1
+                                else ""
+                            )
+                            + "; the weights were not updated by them and the last checkpoint "
+                            "is kept: lower optim.lr or check the data, then --resume auto"
+                        )
+                    if scheduler is not None:
+                        scheduler.step()
+                    break
+                nonfinite_run = 0
                 engine.backward(loss)
                 if own_grad_norm and engine.is_gradient_accumulation_boundary():
                     grad_norm = _grad_norm(engine.module)
@@ -392,6 +436,7 @@ def pretrain(
             stop = preempted or out_of_time
             scalars = dict(zip(names, values))
             scalars.update(_data_scalars(data_totals))
+            scalars["train/nonfinite_skipped"] = float(nonfinite_total)
             elapsed = time.perf_counter() - t_step
             for group in optimizer.param_groups:
                 scalars[f"lr/{group.get('name', 'group')}"] = group["lr"]
