@@ -130,13 +130,14 @@ def load_model(path: str | Path, device: str = "cpu"):
     from vlp.training.module import build_pretraining_module
 
     path = Path(path)
-    if not (path / WEIGHTS).is_file():
-        if (path / "export" / WEIGHTS).is_file():
-            path = path / "export"
-        elif (path / CONFIG).is_file():
-            path = export(path)
-        else:
-            raise FileNotFoundError(f"{path}: neither an export ({WEIGHTS}) nor a run directory")
+    try:
+        path = weights_file(path).parent
+    except FileNotFoundError:
+        if not (path / CONFIG).is_file():
+            raise FileNotFoundError(
+                f"{path}: neither an export ({WEIGHTS}) nor a run directory"
+            ) from None
+        path = export(path)
     import torch
 
     torch.set_flush_denormal(True)  # see vlp.training.trainer: denormals slow CPU kernels badly
