@@ -18,11 +18,12 @@ Writes ``OUT/mae_learning.md`` and prints it.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch import export, pretrain  # noqa: E402
+
 OVERRIDES = [
     "data.image_size=256",
     "model.encoders.image.tower={name: vit_tiny_patch16_224, params: {kwargs: {patch_size: 32, depth: 6}}}",
@@ -70,12 +71,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*OVERRIDES, f"data.shards={shards / 'train'}", f"train.steps={args.steps}"]
     overrides.append(f"checkpoint.every={max(1, args.steps // 4)}")
-    command = [sys.executable, "-m", "vlp.cli", "pretrain", str(REPO / "recipes" / "mae.yaml")]
-    for item in overrides:
-        command += ["--set", item]
-    subprocess.run([*command, "--run-dir", str(run_dir), "--resume", "auto"], check=True)
+    pretrain("mae.yaml", run_dir, overrides)
     points = loss_curve(run_dir, out / "mae_loss.png")
-    subprocess.run([sys.executable, "-m", "vlp.cli", "export", str(run_dir)], check=True)
+    export(run_dir, None, run_dir / "export")
     from vlp.evaluation import linear_probe
     from vlp.training.export import load_model
 

@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch import export, pretrain  # noqa: E402
 from mae_learning import OVERRIDES as MAE_OVERRIDES  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 ALIGN_OVERRIDES = [
     *(o for o in MAE_OVERRIDES if not o.startswith("optim.")),
     "model.encoders.text.tower.name=minilm",
@@ -43,21 +42,6 @@ ALIGN_OVERRIDES = [
     "optim.lr=1.0e-4",
     "optim.warmup_steps=50",
 ]
-
-
-def pretrain(recipe: str, run_dir: Path, overrides: list[str]) -> None:
-    command = [sys.executable, "-m", "vlp.cli", "pretrain", str(REPO / "recipes" / recipe)]
-    for item in overrides:
-        command += ["--set", item]
-    subprocess.run([*command, "--run-dir", str(run_dir), "--resume", "auto"], check=True)
-
-
-def export(run_dir: Path, step: int, out: Path) -> Path:
-    from vlp.training.export import export as export_run
-
-    if not (out / "model.safetensors").is_file():
-        export_run(run_dir, out, step=step)
-    return out
 
 
 def main() -> None:
