@@ -116,6 +116,25 @@ def test_set_overrides_are_typed_by_schema():
         apply_overrides({}, ["inner.size"])
 
 
+def test_set_addresses_list_entries_by_index_without_touching_the_recipe():
+    recipe = {"objectives": [{"name": "a"}, {"name": "b", "weight": 1.0}], "model": {"x": 1}}
+    data = apply_overrides(
+        recipe, ["objectives[1].start_step=5", "objectives[0]={name: c}", "model.y=2"]
+    )
+    assert data == {
+        "objectives": [{"name": "c"}, {"name": "b", "weight": 1.0, "start_step": 5}],
+        "model": {"x": 1, "y": 2},
+    }
+    assert recipe == {
+        "objectives": [{"name": "a"}, {"name": "b", "weight": 1.0}],
+        "model": {"x": 1},
+    }
+    with pytest.raises(ConfigError, match=r"objectives\[2\].weight: index 2 is beyond"):
+        apply_overrides(recipe, ["objectives[2].weight=1"])
+    with pytest.raises(ConfigError, match=r"model\[0\].x: model is not a list"):
+        apply_overrides(recipe, ["model[0].x=1"])
+
+
 def test_dump_and_reload_is_equal(tmp_path):
     cfg = from_dict(Outer, {"inner": {"name": "x", "kind": "b", "path": None}, "extra": {"a": 1.5}})
     dump_yaml(cfg, tmp_path / "c.yaml")

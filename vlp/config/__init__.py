@@ -13,7 +13,7 @@ from vlp.config.loader import ConfigError, apply_overrides, from_dict, resolve_e
 
 __all__ = ["ConfigError", "load_recipe", "recipe_from_dict"]
 
-_SPEC_KEYS = ("name", "weight")
+_SPEC_KEYS = ("name", "weight", "start_step")
 
 
 def _objective_specs(raw, source: str | None) -> list:
@@ -39,7 +39,19 @@ def _objective_specs(raw, source: str | None) -> list:
             raise ConfigError(source, f"{path}.name", str(err.args[0])) from None
         params = {k: v for k, v in entry.items() if k not in _SPEC_KEYS and k != "params"}
         params.update(entry.get("params") or {})
-        specs.append({"name": name, "weight": entry.get("weight", 1.0), "params": params})
+        start = entry.get("start_step", 0)
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise ConfigError(
+                source, f"{path}.start_step", f"expected an int >= 0 (a step), got {start!r}"
+            )
+        specs.append(
+            {
+                "name": name,
+                "weight": entry.get("weight", 1.0),
+                "start_step": start,
+                "params": params,
+            }
+        )
     return specs
 
 

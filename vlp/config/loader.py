@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -97,8 +98,14 @@ def resolve_extends(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     return deep_merge(merged, data)
 
 
+_INDEXED = re.compile(r"^([^\[\]]+)\[(\d+)\]$")
+
+
 def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
-    """Apply ``a.b.c=value`` strings; values are YAML scalars, typed later by the schema."""
+    """Apply ``a.b.c=value`` strings; values are YAML scalars, typed later by the schema.
+
+    A list entry is addressed by its index, ``objectives[1].weight=0.5``; the entry must
+    exist (an override changes a recipe's list, it does not grow it)."""
     data = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -111,18 +118,45 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        # Each step is (container, slot): a dict key, or a list index.
+        steps: list = []
+        for part in key.split("."):
+            match = _INDEXED.match(part)
+            steps.append(part if match is None else None)
+            if match is not None:
+                steps[-1:] = [match.group(1), int(match.group(2))]
         node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
+        for position, (part, following) in enumerate(zip(steps, steps[1:])):
+            where = ".".join(str(p) for p in steps[: position + 1])
+            child = node[part] if _has(node, part) else None
+            if isinstance(following, int):
+                if not isinstance(child, list):
+                    raise ConfigError(source, key, f"{where} is not a list")
+                child = list(child)
+            else:
                 child = {} if child is None else child
                 if not isinstance(child, dict):
                     raise ConfigError(source, key, f"{part!r} is not a section")
-            node[part] = dict(child)
-            node = node[part]
-        node[parts[-1]] = value
+                child = dict(child)  # copies: the caller's recipe stays as it was
+            if isinstance(part, int) and part >= len(node):
+                raise ConfigError(
+                    source, key, f"index {part} is beyond the list's {len(node)} entries"
+                )
+            node[part] = child
+            node = child
+        last = steps[-1]
+        if isinstance(last, int) and last >= len(node):
+            raise ConfigError(source, key, f"index {last} is beyond the list's {len(node)} entries")
+        node[last] = value
     return data
+
+
+def _has(node, part) -> bool:
+    if isinstance(part, int):
+        if not isinstance(node, list):
+            return False
+        return part < len(node)
+    return part in node
 
 
 # ------------------------------------------------------------------- dict -> dataclass

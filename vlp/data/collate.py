@@ -8,6 +8,7 @@ stays free).
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -74,14 +75,26 @@ def collate_studies(
     if tokenizer is not None:
         _add_text(batch, [t for row in steps for t in row], tokenizer, cfg)
     unknown = [math.nan] * len(CHEXPERT_LABELS)
+    kept = [labels_kept(row[0].study_id, cfg.label_fraction, cfg.seed) for row in steps]
     batch["labels"] = torch.tensor(
-        [[s.labels] + [unknown] * cfg.priors for s in studies], dtype=torch.float32
+        [[s.labels if k else unknown] + [unknown] * cfg.priors for s, k in zip(studies, kept)],
+        dtype=torch.float32,
     )
     batch["edema_severity"] = torch.tensor(
-        [[s.edema_severity] + [-1] * cfg.priors for s in studies], dtype=torch.int64
+        [[s.edema_severity if k else -1] + [-1] * cfg.priors for s, k in zip(studies, kept)],
+        dtype=torch.int64,
     )
     batch["meta"] = [s.meta for s in studies]
     return batch
+
+
+def labels_kept(study_id: int, fraction: float, seed: int) -> bool:
+    """Whether ``study_id`` keeps its labels under ``data.label_fraction``: a uniform
+    hash of (seed, study id) below ``fraction``; a function of the study alone, so the
+    labelled subset is the same on every rank, epoch and resume."""
+    if fraction >= 1.0:
+        return True
+    return zlib.crc32(f"{seed}:{int(study_id)}".encode()) / 2**32 < fraction
 
 
 def _add_text(batch: dict, rows: list[_Step], tokenizer: Callable, cfg) -> None:

@@ -100,6 +100,11 @@ class LoaderConfig:
     resampled: bool = False
     samples_per_epoch: int = 0  # resampled mode only: samples per (virtual) epoch, all ranks
     seed: int = 0
+    #: keep the label fields (CheXpert labels, edema severity) of this fraction of the
+    #: studies and hide the others' (NaN, -1), chosen by a hash of the study id and
+    #: ``seed``, so the same studies stay labelled on every rank, epoch and resume: the
+    #: semi-supervised settings (e.g. 5 % labels). ``meta`` keeps the record as written.
+    label_fraction: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # >1 lets JPEG draft decoding undershoot the needed size by this factor (faster, a little
     # softer); 1.0 never upsamples a draft-decoded image
@@ -132,6 +137,8 @@ class LoaderConfig:
             )
         if self.priors < 0:
             problems.append(f"priors must be >= 0, got {self.priors}")
+        if not 0.0 <= self.label_fraction <= 1.0:
+            problems.append(f"label_fraction must be in [0, 1], got {self.label_fraction}")
         if self.prior_views is not None and not set(self.prior_views) <= set(self.views):
             problems.append(
                 f"prior_views must be a subset of views {self.views}, got {self.prior_views}"

@@ -10,8 +10,11 @@ classifier (0 none, 1 vascular congestion, 2 interstitial, 3 alveolar) with
 
 Here the classifier is a multinomial logistic regression (scikit-learn, L-BFGS) on
 standardised global image features of the frozen encoder; C is chosen on the validation
-split by log-loss (C = 1 without a validation split). Studies with unknown severity are
-left out. Metrics use :mod:`vlp.evaluation.metrics`, with bootstrap 95% CIs.
+split by log-loss (C = 1 without a validation split). With ``classifier="objective"`` (or
+an objective's name) it is instead the severity classifier the recipe trained itself (an
+objective's :class:`vlp.objectives.base.LabelPredictor`: the joint model's image head,
+M2's q(y|x)), applied to the same cached features; no probe is fitted. Studies with
+unknown severity are left out. Metrics use :mod:`vlp.evaluation.metrics`, with bootstrap 95% CIs.
 """
 
 from __future__ import annotations
@@ -68,6 +71,29 @@ def fit_severity(x, y, x_val=None, y_val=None, seed: int = 0):
     return (lambda features: probs_of(clf, features)), c, rule
 
 
+def objective_classifier(model, objective: str | None):
+    """``features → N×4 probabilities`` of the recipe's own severity classifier, applied to
+    the primary image encoder's cached global features."""
+    import torch
+
+    from vlp.evaluation.features import model_device, predictor_of
+
+    found = predictor_of(model, "edema_severity", objective)
+    if found.image_keys != ("image_global",) or found.classes != len(CLASSES):
+        raise ValueError(
+            f"edema --classifier: the objective's classifier reads {found.image_keys} with "
+            f"{found.classes} classes; this evaluator has cached image_global and 4 classes"
+        )
+    device = model_device(model)
+
+    @torch.no_grad()
+    def predict(features: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(features, dtype=torch.float32, device=device)
+        return found.probabilities({"image_global": x}).double().cpu().numpy()
+
+    return predict
+
+
 def severity_metrics(y, probs, bootstrap: int, seed: int) -> dict:
     """All edema metrics with bootstrap CIs (ordinal, pairwise, accuracy, macro-F1)."""
     predicted = probs.argmax(1)
@@ -119,6 +145,7 @@ def evaluate(
     bootstrap: int = 1000,
     batch_size: int = 32,
     cache_dir=None,
+    classifier: str = "probe",
 ) -> dict:
     """Edema severity probe; writes results into ``out``.
 
@@ -141,7 +168,13 @@ def evaluate(
     x_test, y_test = _known(feats["test"])
     if y_test.size == 0:
         raise ValueError(f"{data}: no study with a known edema severity")
-    predict, c, rule = fit_severity(x, y, x_val, y_val, seed)
+    if classifier == "probe":
+        predict, c, rule = fit_severity(x, y, x_val, y_val, seed)
+        how = f"multinomial logistic regression on frozen features, C={c:g} ({rule})"
+    else:
+        predict = objective_classifier(model, None if classifier == "objective" else classifier)
+        c, rule = None, "the recipe's own classifier"
+        how = "the recipe's own severity classifier (no probe fitted)"
     probs = predict(x_test)
     results = {
         "task": "edema",
@@ -150,6 +183,7 @@ def evaluate(
         "validation_data": val_data,
         "seed": seed,
         "bootstrap": bootstrap,
+        "classifier": classifier,
         "C": {"value": c, "rule": rule},
         "counts": {
             split: {str(k): int((_known(f)[1] == k).sum()) for k in CLASSES}
@@ -171,8 +205,7 @@ def evaluate(
             "Edema severity (test)",
             ["metric", "value [95% CI]"],
             rows,
-            note=f"multinomial logistic regression on frozen features, C={c:g} ({rule}); "
-            f"test counts per severity: {counts}; n/a = a class is missing.",
+            note=f"{how}; test counts per severity: {counts}; n/a = a class is missing.",
         ),
     ]
     if figures:

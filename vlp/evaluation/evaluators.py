@@ -68,6 +68,14 @@ class EdemaOptions:
     """edema severity (0-3): ordinal AUCs and macro-F1 of probes"""
 
     train_data: str = field(default="auto", metadata={"help": TRAIN_HELP})
+    classifier: str = field(
+        default="probe",
+        metadata={
+            "help": "probe: a logistic regression on frozen features; objective: the "
+            "recipe's own severity classifier (an objective's predictor); or an "
+            "objective's name"
+        },
+    )
 
 
 @dataclass
@@ -95,3 +103,17 @@ register("evaluator", "retrieval", config=RetrievalOptions)(_builtin("retrieval"
 register("evaluator", "edema", config=EdemaOptions)(_builtin("edema"))
 register("evaluator", "grounding", config=GroundingOptions)(_builtin("grounding"))
 register("evaluator", "temporal", config=TemporalOptions)(_builtin("temporal"))
+
+
+@dataclass
+class SubsetProbeOptions:
+    """MoPoE: AP of linear probes on each modality subset's latent, and generated samples"""
+
+    train_data: str = field(default="auto", metadata={"help": TRAIN_HELP})
+    objective: str | None = field(
+        default=None,
+        metadata={"help": "the MoPoE objective to read (default: the recipe's first one)"},
+    )
+
+
+register("evaluator", "subset-probe", config=SubsetProbeOptions)(_builtin("subset_probe"))

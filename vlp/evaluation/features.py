@@ -190,6 +190,25 @@ def scorer_of(model, objective: str | None = None, regions: bool = False):
     return CosineScorer("report", region_text_kind="report" if shared else None)
 
 
+def predictor_of(model, field: str, objective: str | None = None):
+    """The :class:`vlp.objectives.base.LabelPredictor` of ``field`` that an objective of the
+    recipe trains (``objective`` names it; by default the first that has one)."""
+    objectives = dict(getattr(model, "objectives", {}).items())
+    names = [objective] if objective is not None else list(objectives)
+    if objective is not None and objective not in objectives:
+        raise ValueError(
+            f"classifier: the model has no objective {objective!r} (it has {sorted(objectives)})"
+        )
+    for name in names:
+        found = objectives[name].predictor()
+        if found is not None and found.field == field:
+            return found
+    raise ValueError(
+        f"classifier: no objective of the recipe ({sorted(objectives) or 'none'}) trains a "
+        f"{field} classifier; use the probe instead"
+    )
+
+
 @torch.no_grad()
 def text_embeddings(model, texts: list[str], kind: str, batch_size: int = 64) -> torch.Tensor:
     """Projected embeddings (``report`` or ``sentence`` space) of raw strings, batched."""

@@ -4,7 +4,10 @@ from vlp.objectives import (  # noqa: F401  (registration side effects)
     contrastive,
     local_alignment,
     mi,
+    mopoe,
     reconstruction,
+    semisupervised,
+    supervised,
     temporal,
 )
 from vlp.objectives.base import (

@@ -7,6 +7,7 @@ batch, to every objective; each returns an :class:`ObjectiveOutput`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,11 +20,17 @@ from vlp.registry import build
 
 @dataclass
 class ObjectiveSpec:
-    """One objective of a recipe: registered name, weight in the total, parameters."""
+    """One objective of a recipe: registered name, weight in the total, parameters.
+
+    ``start_step`` delays the objective: before that optimizer step its losses are computed
+    and logged but count with weight 0 (so a recipe can run in phases, e.g. Chauhan et
+    al.'s semi-supervised ranking phase before the supervised one, with the same
+    parameters in the graph at every step)."""
 
     name: str
     weight: float = 1.0
     params: dict = field(default_factory=dict)
+    start_step: int = 0
 
 
 @dataclass
@@ -32,6 +39,21 @@ class ObjectiveOutput:
     losses: dict[str, torch.Tensor]
     #: detached scalars for logging.
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LabelPredictor:
+    """How an objective predicts a categorical label field from image features: what an
+    evaluator calls to score the objective's own classifier (``vlp eval edema
+    --classifier objective``) instead of fitting a probe on frozen features."""
+
+    #: the batch label field predicted, e.g. ``edema_severity``.
+    field: str
+    classes: int
+    #: image feature keys ``probabilities`` reads (``image_global``: cached features do).
+    image_keys: tuple[str, ...]
+    #: image features → N×classes probabilities.
+    probabilities: Callable[[dict], torch.Tensor]
 
 
 class Objective(nn.Module):
@@ -81,6 +103,11 @@ class Objective(nn.Module):
         :class:`vlp.objectives.scoring.Scorer`), or None when it defines no such score."""
         return None
 
+    def predictor(self) -> LabelPredictor | None:
+        """The objective's own classifier of a label field (a :class:`LabelPredictor`), or
+        None when it trains none."""
+        return None
+
     def write_figures(self, folder, step: int) -> list:
         """PNGs of what the objective saw last (the trainer calls this on rank 0 at every
         checkpoint, into ``RUN_DIR/figures``); returns the paths written. Default: none."""
@@ -99,6 +126,21 @@ def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     if total is None:
         raise ValueError("zero_loss needs at least one tensor")
     return total
+
+
+def labelled_classes(batch: dict, field: str, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The current study's class of a categorical label field (``edema_severity``): the
+    B class indices (-1 unknown, including hidden by ``data.label_fraction``) and the B
+    mask of known ones; a value beyond ``classes`` is an error naming the field."""
+    if field != "edema_severity":
+        raise ValueError(
+            f"label field {field!r}: only the categorical field 'edema_severity' is supported"
+        )
+    y = batch[field][:, 0]
+    known = y >= 0
+    if bool((y[known] >= classes).any()):
+        raise ValueError(f"batch {field!r} has a class >= {classes}: {sorted(set(y.tolist()))}")
+    return y, known
 
 
 def valid_sentences(features: dict) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Global image–text contrastive objective (CLIP / ConVIRT / BioViL global loss).
+"""Global image–report losses: CLIP / ConVIRT / BioViL InfoNCE, label-aware margins and rankings.
 
 Symmetric InfoNCE with a learnable temperature: Radford et al. 2021 (CLIP), Zhang et al.
 2020 (ConVIRT), Boecking et al. 2022 (BioViL). The loss itself is open_clip's ``ClipLoss``
@@ -19,7 +19,13 @@ from open_clip.loss import ClipLoss
 
 from vlp import distributed
 from vlp.models.heads import LogitScale
-from vlp.objectives.base import FeatureDims, Objective, ObjectiveOutput, valid_sentences
+from vlp.objectives.base import (
+    FeatureDims,
+    Objective,
+    ObjectiveOutput,
+    labelled_classes,
+    valid_sentences,
+)
 from vlp.objectives.scoring import CosineScorer
 from vlp.registry import register
 
@@ -115,7 +121,9 @@ class ClipObjective(Objective):
         # Trained on report embeddings; local features share that space when the global
         # embedding is their mean (BioViL) and the widths match.
         regions = "report" if self.dims.local_dim == self.dims.embed_dim else None
-        return CosineScorer("report", region_text_kind=regions)
+        with torch.no_grad():
+            scale = float(self.logit_scale())
+        return CosineScorer("report", region_text_kind=regions, logit_scale=scale)
 
 
 UNCERTAIN_POLICIES = ("negative", "positive")
@@ -203,6 +211,94 @@ class LabelMarginObjective(Objective):
                 else distance.new_zeros(()),
             }
         return ObjectiveOutput({"margin": loss}, metrics)
+
+    def scorer(self) -> CosineScorer:
+        return CosineScorer("report")
+
+
+SIMILARITIES = ("dot", "cosine", "neg_l2")
+
+
+@dataclass
+class LabelRankingConfig:
+    #: image feature: an image encoder's global embedding.
+    image_key: str = "image_global"
+    #: the categorical label whose differences set the margins (-1 = unlabeled).
+    field: str = "edema_severity"
+    #: s(image, text): ``dot`` (Chauhan et al.'s default), ``cosine`` or ``neg_l2``.
+    similarity: str = "dot"
+    #: margin when either study is unlabeled, and the least margin between labelled ones.
+    unlabeled_margin: float = 0.5
+    min_margin: float = 0.5
+
+
+def ranking_margins(
+    y: torch.Tensor, y_imposter: torch.Tensor, same: torch.Tensor, config: LabelRankingConfig
+) -> torch.Tensor:
+    """Chauhan et al.'s margins: 0 for the same study, ``unlabeled_margin`` when either
+    label is unknown (< 0), else ``max(min_margin, |y_i − y_j|)``."""
+    labelled = (y >= 0) & (y_imposter >= 0)
+    gap = (y - y_imposter).abs().to(torch.float32).clamp_min(config.min_margin)
+    margin = torch.where(labelled, gap, torch.full_like(gap, config.unlabeled_margin))
+    return torch.where(same, torch.zeros_like(margin), margin)
+
+
+@register("objective", "label_ranking", config=LabelRankingConfig)
+class LabelRankingObjective(Objective):
+    """Label-aware ranking loss of Chauhan et al., "Joint Modeling of Chest Radiographs and
+    Radiology Reports for Pulmonary Edema Assessment", MICCAI 2020 (§2.2).
+
+    Each image–report pair (i, i) is ranked above an imposter pair built from the next
+    sample of the batch, j = i + 1 (cyclic), as their code does: the imposter image
+    ``max(0, s(x_j, t_i) − s(x_i, t_i) + m_ij)`` plus the imposter text
+    ``max(0, s(x_i, t_j) − s(x_i, t_i) + m_ij)``, averaged over the batch, with the margin
+    ``m_ij`` of :func:`ranking_margins` (a wider gap between severities demands a wider
+    margin; unlabeled studies use 0.5, so the loss uses unlabeled pairs as well). The
+    imposter is taken within this rank's batch, as in their single-GPU code. Their
+    similarity is the dot product of the unnormalised embeddings (``similarity: dot``);
+    the paper's text calls it a similarity without fixing it.
+    """
+
+    def __init__(self, config: LabelRankingConfig, dims: FeatureDims):
+        super().__init__(config, dims)
+        if config.similarity not in SIMILARITIES:
+            raise ValueError(
+                f"label_ranking.similarity must be one of {SIMILARITIES}, got {config.similarity!r}"
+            )
+
+    @classmethod
+    def features_needed(cls, config: LabelRankingConfig) -> frozenset[str]:
+        return frozenset({config.image_key, "report"})
+
+    @classmethod
+    def fields_needed(cls, config: LabelRankingConfig) -> frozenset[str]:
+        return frozenset({config.field})
+
+    def similarity(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Row-wise s(image_b, text_b)."""
+        if self.config.similarity == "cosine":
+            return F.cosine_similarity(image, text, dim=-1)
+        if self.config.similarity == "neg_l2":
+            return -(image - text).norm(dim=-1)
+        return (image * text).sum(-1)
+
+    def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
+        image = features[self.config.image_key].float()
+        text = features["report"].float()
+        y, _ = labelled_classes(batch, self.config.field, 1 << 30)
+        study = batch["study_id"][:, 0]
+        imposter = torch.roll(torch.arange(image.shape[0], device=image.device), -1)
+        margin = ranking_margins(y, y[imposter], study == study[imposter], self.config)
+        true = self.similarity(image, text)
+        image_hinge = (self.similarity(image[imposter], text) - true + margin).clamp_min(0)
+        text_hinge = (self.similarity(image, text[imposter]) - true + margin).clamp_min(0)
+        loss = (image_hinge + text_hinge).mean()
+        with torch.no_grad():
+            metrics = {
+                "violated": ((image_hinge > 0) | (text_hinge > 0)).float().mean(),
+                "mean_margin": margin.mean(),
+            }
+        return ObjectiveOutput({"ranking": loss}, metrics)
 
     def scorer(self) -> CosineScorer:
         return CosineScorer("report")

@@ -21,6 +21,7 @@ import torch
 
 from vlp.models.mae import unpatchify
 from vlp.objectives.base import Objective, ObjectiveOutput
+from vlp.objectives.figures import image_rows
 from vlp.registry import register
 
 
@@ -112,35 +113,4 @@ class MAEObjective(Objective):
             for name, value in images.items()
         }
         path = Path(folder) / f"mae_reconstruction_step-{step}.png"
-        return [_image_rows(rows, path, f"MAE at step {step}: hidden patches grey")]
-
-
-def _image_rows(rows: dict, path: str | Path, title: str) -> Path:
-    """One row per ``name → N×H×W`` array (the same N samples in every row), in gray with
-    a shared intensity range; NaN pixels are drawn mid-grey (e.g. hidden patches)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(rows)
-    n = max(1, max(len(v) for v in rows.values()))
-    finite = np.concatenate([v[np.isfinite(v)].ravel() for v in rows.values()] or [np.zeros(1)])
-    low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
-    cmap = matplotlib.colormaps["gray"].copy()
-    cmap.set_bad("0.5")
-    fig, axes = plt.subplots(len(names), n, figsize=(2.4 * n, 2.5 * len(names)), dpi=100)
-    axes = np.array(axes).reshape(len(names), n)
-    for r, name in enumerate(names):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.axis("off")
-            if c < len(rows[name]):
-                ax.imshow(np.ma.masked_invalid(rows[name][c]), cmap=cmap, vmin=low, vmax=high)
-        axes[r, 0].set_title(name, fontsize=9, loc="left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+        return [image_rows(rows, path, f"MAE at step {step}: hidden patches grey")]

@@ -38,6 +38,9 @@ class Scorer:
     description: str = ""
     #: image feature keys ``scores`` reads (``image_global`` alone: cached features do).
     image_keys: tuple[str, ...] = ("image_global",)
+    #: multiplies scores into logits for a softmax over prompts (``vlp zero-shot``): the
+    #: learned temperature of a cosine, 1 for critics whose scores are logits already.
+    logit_scale: float = 1.0
 
     def scores(self, image: dict, text: torch.Tensor) -> torch.Tensor:
         """``image``: the model's image features of B images; ``text``: ``P×D`` embeddings
@@ -56,12 +59,19 @@ class Scorer:
 class CosineScorer(Scorer):
     prompt_ensemble = "embedding"
 
-    def __init__(self, text_kind: str = "report", region_text_kind: str | None = None):
+    def __init__(
+        self,
+        text_kind: str = "report",
+        region_text_kind: str | None = None,
+        logit_scale: float = 1 / 0.07,
+    ):
         if text_kind not in TEXT_KINDS:
             raise ValueError(f"text_kind must be one of {TEXT_KINDS}, got {text_kind!r}")
         self.text_kind = text_kind
         #: local features share a space with this text kind (None: no region maps).
         self.region_text_kind = region_text_kind
+        #: CLIP's initial temperature unless the objective passes its learned one.
+        self.logit_scale = float(logit_scale)
         self.description = f"cosine(image_global, {text_kind} embedding)"
 
     def scores(self, image, text):

@@ -21,11 +21,21 @@ __all__ = ["PretrainingModule", "build_pretraining_module", "param_groups_of"]
 class PretrainingModule(nn.Module):
     """``model`` (encoders + heads) and ``objectives`` (name → objective) with weights."""
 
-    def __init__(self, model: VLPModel, objectives: dict[str, Objective], weights: dict):
+    def __init__(
+        self,
+        model: VLPModel,
+        objectives: dict[str, Objective],
+        weights: dict,
+        start_steps: dict | None = None,
+    ):
         super().__init__()
         self.model = model
         self.objectives = nn.ModuleDict(objectives)
         self.objective_weights = {name: float(weights[name]) for name in objectives}
+        self.start_steps = {name: int((start_steps or {}).get(name, 0)) for name in objectives}
+        #: the optimizer step being computed (0-based); the trainer sets it before each
+        #: forward, so objectives with a ``start_step`` join at the right step, resume too.
+        self.step = 0
         # A function of the objectives' configs: computed once, not every step.
         self.needed_features = frozenset().union(
             *(o.required_features for o in self.objectives.values())
@@ -41,6 +51,8 @@ class PretrainingModule(nn.Module):
         for name, objective in self.objectives.items():
             out = objective(features, batch)
             weight = self.objective_weights[name]
+            if self.step < self.start_steps[name]:
+                weight = 0.0  # computed and logged, not yet counted (ObjectiveSpec)
             for key, value in out.losses.items():
                 if value.ndim != 0:
                     raise ValueError(f"objective {name!r} loss {key!r} is not a scalar")
@@ -60,7 +72,7 @@ def build_pretraining_module(
     """The model (for ``image_size`` images, a recipe's ``data.image_size``), then the
     objectives in recipe order (parameters validated per objective)."""
     model = build_model(model_cfg, image_size)
-    built, weights = {}, {}
+    built, weights, starts = {}, {}, {}
     for position, spec in enumerate(objectives):
         if not isinstance(spec, ObjectiveSpec):
             spec = ObjectiveSpec(**spec)
@@ -68,7 +80,8 @@ def build_pretraining_module(
             raise ValueError(f"objectives[{position}]: objective {spec.name!r} is listed twice")
         built[spec.name] = build_objective(spec, model.dims, f"objectives[{position}]")
         weights[spec.name] = float(spec.weight)
-    return PretrainingModule(model, built, weights)
+        starts[spec.name] = int(spec.start_step)
+    return PretrainingModule(model, built, weights, starts)
 
 
 def param_groups_of(module: PretrainingModule) -> list[dict]:

@@ -382,6 +382,7 @@ def pretrain(
                     batch = next(batches)
                 batch = batch_to(batch, device, non_blocking=True)
                 data_wait += time.perf_counter() - t_data
+                engine.module.step = step  # objectives' start_step (ObjectiveSpec)
                 loss, logs = engine(batch)
                 if not _finite_everywhere(loss):
                     # Skipped on every rank (the check is all-reduced): no backward, no
