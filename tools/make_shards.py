@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert MIMIC-CXR-JPG, Open-i IU X-ray or a CSV table into WebDataset shards.
+"""Convert MIMIC-CXR (JPG or DICOM), Open-i IU X-ray, a CSV table or a folder of DICOM
+radiographs into WebDataset shards.
 
 Thin wrapper around :func:`vlp.data.convert.main`; see ``--help`` of each subcommand.
 """

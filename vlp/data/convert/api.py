@@ -1,12 +1,12 @@
 """The converter as a library: one call per dataset kind, from its files to shards.
 
-:func:`convert_mimic`, :func:`convert_iu` and :func:`convert_table` read a dataset with its
-adapter and write ``OUT/{train,validate,test}/`` with :func:`vlp.data.convert.pipeline.convert`;
-each returns the run summary (also written to ``OUT/conversion.json``). The command line
-(:mod:`vlp.data.convert.cli`) is a thin wrapper over them, and the phantom builders
-(:mod:`vlp.data.phantom_cache`, ``vlp demo``) call them directly. Given the same inputs
-and options, a call and the equivalent command line write the same bytes: both record the
-same ``arguments`` in the manifests.
+:func:`convert_mimic`, :func:`convert_iu`, :func:`convert_table` and :func:`convert_dicom`
+read a dataset with its adapter and write ``OUT/{train,validate,test}/`` with
+:func:`vlp.data.convert.pipeline.convert`; each returns the run summary (also written to
+``OUT/conversion.json``). The command line (:mod:`vlp.data.convert.cli`) is a thin wrapper
+over them, and the phantom builders (:mod:`vlp.data.phantom_cache`, ``vlp demo``) call
+them directly. Given the same inputs and options, a call and the equivalent command line
+write the same bytes: both record the same ``arguments`` in the manifests.
 
 Bad inputs raise :class:`ConversionError` naming the file and what was expected; it and
 :class:`ConvertOptions` are importable from here, so a caller needs this module only.
@@ -19,6 +19,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from vlp.data.convert.dicom import DEFAULT_FRACTIONS as DICOM_FRACTIONS
+from vlp.data.convert.dicom import read_dicom, write_study_table
 from vlp.data.convert.iu import DEFAULT_FRACTIONS as IU_FRACTIONS
 from vlp.data.convert.iu import read_iu
 from vlp.data.convert.mimic import read_mimic
@@ -32,6 +34,7 @@ PathLike = str | os.PathLike
 __all__ = [
     "ConversionError",
     "ConvertOptions",
+    "convert_dicom",
     "convert_iu",
     "convert_mimic",
     "convert_table",
@@ -49,9 +52,12 @@ def convert_mimic(
     edema: PathLike | None = None,
     boxes: PathLike | None = None,
     progression: PathLike | None = None,
+    images: PathLike | None = None,
+    image_format: str = "auto",
     quiet: bool = False,
 ) -> dict:
-    """Convert a MIMIC-CXR-JPG tree (``vlp shards mimic``); see :mod:`vlp.data.convert.mimic`."""
+    """Convert a MIMIC-CXR-JPG or MIMIC-CXR (DICOM) tree (``vlp shards mimic``); see
+    :mod:`vlp.data.convert.mimic`."""
     options = _validated(options)
     inputs = {
         "root": os.fspath(root),
@@ -60,6 +66,8 @@ def convert_mimic(
         "edema": _optional_path(edema),
         "boxes": _optional_path(boxes),
         "progression": _optional_path(progression),
+        "images": _optional_path(images),
+        "image_format": image_format,
     }
     output = read_mimic(**inputs, limit=options.limit, progress=not quiet)
     return _write("mimic", output, out, options, inputs, quiet)
@@ -107,6 +115,32 @@ def convert_table(
         **inputs, seed=options.seed, limit=options.limit, progress=not quiet
     )
     return _write("csv", output, out, options, inputs, quiet)
+
+
+def convert_dicom(
+    root: PathLike,
+    out: PathLike,
+    options: ConvertOptions | None = None,
+    *,
+    reports: PathLike | None = None,
+    split_table: PathLike | None = None,
+    split_fractions: Sequence[float] = DICOM_FRACTIONS,
+    quiet: bool = False,
+) -> dict:
+    """Convert a folder tree of DICOM files (``vlp shards dicom``); see
+    :mod:`vlp.data.convert.dicom`. Also writes ``OUT/dicom_studies.csv`` (the UIDs)."""
+    options = _validated(options)
+    inputs = {
+        "root": os.fspath(root),
+        "reports": _optional_path(reports),
+        "split_table": _optional_path(split_table),
+        "split_fractions": tuple(split_fractions),
+    }
+    output = read_dicom(**inputs, seed=options.seed, limit=options.limit, progress=not quiet)
+    summary = _write("dicom", output, out, options, inputs, quiet)
+    # After the shards: a failed or refused conversion leaves an earlier table alone.
+    write_study_table(os.fspath(out), output.studies)
+    return summary
 
 
 def describe_summary(summary: dict, out: PathLike) -> str:

@@ -1,9 +1,9 @@
 """Command line of the shard converter: ``tools/make_shards.py`` and ``vlp shards``.
 
-A thin wrapper over :mod:`vlp.data.convert.api`: subcommands ``mimic``, ``iu`` and
-``csv`` select :func:`~vlp.data.convert.api.convert_mimic`, ``convert_iu`` or
-``convert_table``; the shared options (``--image-size --quality --priors --shard-size
---workers --max-error-rate --seed --limit``) go to
+A thin wrapper over :mod:`vlp.data.convert.api`: subcommands ``mimic``, ``iu``, ``csv``
+and ``dicom`` select :func:`~vlp.data.convert.api.convert_mimic`, ``convert_iu``,
+``convert_table`` or ``convert_dicom``; the shared options (``--image-size --quality
+--priors --shard-size --workers --max-error-rate --seed --limit``) go to
 :class:`vlp.data.convert.pipeline.ConvertOptions`. The CLI configures logging and turns a
 :class:`~vlp.data.convert.records.ConversionError` into one line on stderr and exit 1.
 """
@@ -64,10 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--quiet", action="store_true", help="no progress bars, errors only")
 
     commands = parser.add_subparsers(dest="adapter", required=True)
-    mimic = commands.add_parser("mimic", parents=[shared], help="MIMIC-CXR-JPG tree")
+    mimic = commands.add_parser(
+        "mimic", parents=[shared], help="MIMIC-CXR-JPG or MIMIC-CXR (DICOM) tree"
+    )
     mimic.add_argument("--root", required=True, help="MIMIC-CXR-JPG root (files/, metadata CSVs)")
     mimic.add_argument(
-        "--reports", help="MIMIC-CXR report root holding files/pXX/... .txt (default --root)"
+        "--reports",
+        help="MIMIC-CXR report root holding files/pXX/... .txt (default --images, else --root)",
     )
     mimic.add_argument("--chexpert", help="CheXpert/NegBio label CSV (default: found at --root)")
     mimic.add_argument(
@@ -75,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mimic.add_argument("--boxes", help="MS-CXR box CSV (default: found at --root)")
     mimic.add_argument("--progression", help="MS-CXR-T progression CSV (default: found at --root)")
+    mimic.add_argument(
+        "--images",
+        help="root holding files/pXX/... images, e.g. MIMIC-CXR's DICOMs (default --root)",
+    )
+    mimic.add_argument(
+        "--image-format",
+        choices=("auto", "jpg", "dcm"),
+        default="auto",
+        help="image files: auto (default) takes DICOM.jpg, else DICOM.dcm where no .jpg exists",
+    )
 
     iu = commands.add_parser("iu", parents=[shared], help="Open-i IU X-ray XML reports + PNGs")
     iu.add_argument("--reports", required=True, help="folder of XML reports or NLMCXR_reports.tgz")
@@ -88,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--table", required=True, help="CSV (columns: see vlp.data.convert.table)")
     table.add_argument("--image-root", help="base of relative paths (default: the table's folder)")
     table.add_argument("--split-fractions", type=_fractions, default=(0.9, 0.05, 0.05))
+
+    dicom = commands.add_parser(
+        "dicom", parents=[shared], help="any folder tree of DICOM radiographs + reports"
+    )
+    dicom.add_argument("--root", required=True, help="folder searched for DICOM files")
+    dicom.add_argument(
+        "--reports",
+        help="CSV (StudyInstanceUID or AccessionNumber, report_text) or a folder of "
+        "{StudyInstanceUID or AccessionNumber}.txt (default --root)",
+    )
+    dicom.add_argument(
+        "--split-table",
+        help="CSV with split and PatientID, StudyInstanceUID or AccessionNumber "
+        "(default: hash of the patient with --split-fractions)",
+    )
+    dicom.add_argument("--split-fractions", type=_fractions, default=(0.9, 0.05, 0.05))
     return parser
 
 
@@ -108,6 +137,18 @@ def run(args: argparse.Namespace) -> dict:
             edema=args.edema,
             boxes=args.boxes,
             progression=args.progression,
+            images=args.images,
+            image_format=args.image_format,
+            quiet=args.quiet,
+        )
+    if args.adapter == "dicom":
+        return api.convert_dicom(
+            args.root,
+            args.out,
+            options,
+            reports=args.reports,
+            split_table=args.split_table,
+            split_fractions=args.split_fractions,
             quiet=args.quiet,
         )
     if args.adapter == "iu":

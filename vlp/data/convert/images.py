@@ -6,7 +6,10 @@ A MIMIC-CXR-JPG radiograph is about 2500×3000 pixels. Decoding it fully to stor
 that is at least the target size, in grayscale, without ever materialising the full
 resolution. The remaining factor (< 2) is a Lanczos resize. PNGs (Open-i, CSV tables)
 have no draft mode and are decoded fully; 16-bit PNGs are scaled to 8 bits by their own
-range, the way BioViL's loader remaps any input to uint8.
+range, the way BioViL's loader remaps any input to uint8. DICOM files (MIMIC-CXR, the
+``dicom`` adapter) are turned into their 8-bit display picture first
+(:func:`vlp.data.convert.dicom.read_display_pixels`: modality and VOI LUTs, MONOCHROME1)
+and resized like a PNG.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from vlp.data.convert.dicom import is_dicom_file, read_display_pixels
 
 #: Resampling filter for the final resize (after draft-mode decoding).
 RESAMPLE = Image.Resampling.LANCZOS
@@ -53,8 +58,15 @@ def load_resized(path: str, long_side: int) -> tuple[Image.Image, tuple[int, int
     """Open ``path``, decode it as grayscale with its long side equal to ``long_side``.
 
     Returns the resized image and the original size ``(height, width)``. Raises
-    ``OSError``/``ValueError`` (from PIL) for unreadable files.
+    ``OSError``/``ValueError`` (from PIL or pydicom) for unreadable files.
     """
+    if is_dicom_file(path):
+        gray = Image.fromarray(read_display_pixels(path))
+        width, height = gray.size
+        new_size = target_size(width, height, long_side)
+        if gray.size != new_size:
+            gray = gray.resize(new_size, RESAMPLE)
+        return gray, (height, width)
     with Image.open(path) as image:
         width, height = image.size
         new_size = target_size(width, height, long_side)

@@ -1,4 +1,5 @@
-"""Adapter for MIMIC-CXR-JPG (Johnson et al., 2019) and its PhysioNet companions.
+"""Adapter for MIMIC-CXR-JPG and MIMIC-CXR (DICOM) (Johnson et al., 2019) and their
+PhysioNet companions.
 
 Reads, under ``--root``:
 
@@ -7,8 +8,18 @@ Reads, under ``--root``:
 * ``mimic-cxr-2.0.0-split.csv`` (required): ``dicom_id, study_id, subject_id, split``;
 * ``mimic-cxr-2.0.0-chexpert.csv`` or, failing that, ``-negbio.csv`` (optional):
   ``subject_id, study_id`` + the 14 CheXpert labels (1, 0, -1, blank kept as null);
-* images ``files/pXX/p{subject}/s{study}/{dicom}.jpg``;
-* reports ``files/pXX/p{subject}/s{study}.txt`` under ``--reports`` (default ``--root``).
+* images ``files/pXX/p{subject}/s{study}/{dicom}.jpg`` (MIMIC-CXR-JPG) or ``{dicom}.dcm``
+  (MIMIC-CXR) under ``--images`` (default ``--root``);
+* reports ``files/pXX/p{subject}/s{study}.txt`` under ``--reports`` (default ``--images``,
+  else ``--root``: MIMIC-CXR keeps them beside its DICOM folders).
+
+MIMIC-CXR (DICOM) ships neither the metadata nor the split table: they are MIMIC-CXR-JPG's
+(the ``dicom_id`` is the same), so a DICOM conversion is ``--root`` the JPG release's
+tables, ``--images`` and ``--reports`` the DICOM release. ``--image-format`` chooses the
+file of each image: ``auto`` (default) takes ``{dicom}.jpg`` when it exists, else
+``{dicom}.dcm`` when that exists (an image found as neither is reported missing under its
+``.jpg`` name); ``jpg`` and ``dcm`` take only that kind. DICOM pixels go through the
+display pipeline of :mod:`vlp.data.convert.dicom` (modality and VOI LUTs, MONOCHROME1).
 
 Optional label tables are found at the root by their standard names, or given with flags
 (which override): ``regex_report_edema_severity.csv`` (``subject_id, study_id,
@@ -26,7 +37,7 @@ reported as ``no frontal view``; neither counts as an error.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from tqdm import tqdm
 
@@ -35,6 +46,7 @@ from vlp.data.convert.records import (
     MISSING_REPORT,
     AdapterOutput,
     BoxRef,
+    ConversionError,
     ImageRef,
     Skip,
     build_record,
@@ -69,6 +81,18 @@ def study_dir(root: str, subject_id: str, study_id: str) -> str:
     return os.path.join(root, "files", f"p{subject_id[:2]}", f"p{subject_id}", f"s{study_id}")
 
 
+IMAGE_FORMATS = ("auto", "jpg", "dcm")
+
+
+def image_path(folder: str, dicom_id: str, image_format: str) -> str:
+    """The file of one image in a study folder, by ``image_format`` (module docstring)."""
+    jpg = os.path.join(folder, f"{dicom_id}.jpg")
+    dcm = os.path.join(folder, f"{dicom_id}.dcm")
+    if image_format == "auto":
+        return dcm if not os.path.exists(jpg) and os.path.exists(dcm) else jpg
+    return dcm if image_format == "dcm" else jpg
+
+
 def _optional(root: str, explicit: str | None, names) -> str | None:
     if explicit:
         return explicit
@@ -86,11 +110,19 @@ def read_mimic(
     edema: str | None = None,
     boxes: str | None = None,
     progression: str | None = None,
+    images: str | None = None,
+    image_format: str = "auto",
     limit: int | None = None,
     progress: bool = True,
 ) -> AdapterOutput:
-    """Read a MIMIC-CXR-JPG tree into study records (see the module docstring)."""
-    reports = reports or root
+    """Read a MIMIC-CXR-JPG or MIMIC-CXR tree into study records (module docstring)."""
+    if image_format not in IMAGE_FORMATS:
+        raise ConversionError(
+            f"image format {image_format!r} is not one of {', '.join(IMAGE_FORMATS)}"
+        )
+    images_root = images or root
+    reports = reports or images_root
+    kinds: Counter[str] = Counter()
     skips: list[Skip] = []
     inputs: dict[str, dict] = {}
 
@@ -129,8 +161,8 @@ def read_mimic(
     records = []
     for subject_id, study_id in tqdm(keys, desc="read mimic", unit="study", disable=not progress):
         key = sample_key(subject_id, study_id)
-        folder = study_dir(root, subject_id, study_id)
-        images: list[ImageRef] = []
+        folder = study_dir(images_root, subject_id, study_id)
+        study_images: list[ImageRef] = []
         dates = []
         split = ""
         for line, row in studies[(subject_id, study_id)]:
@@ -155,12 +187,10 @@ def read_mimic(
                 continue
             split = split_of_dicom[dicom_id]
             dates.append(when)
-            images.append(
-                ImageRef(
-                    dicom_id, os.path.join(folder, f"{dicom_id}.jpg"), row["ViewPosition"].strip()
-                )
-            )
-        if not images:
+            path = image_path(folder, dicom_id, image_format)
+            kinds[os.path.splitext(path)[1][1:]] += 1
+            study_images.append(ImageRef(dicom_id, path, row["ViewPosition"].strip()))
+        if not study_images:
             continue  # every row was malformed: already counted
         report_path = study_dir(reports, subject_id, study_id) + ".txt"
         try:
@@ -170,7 +200,7 @@ def read_mimic(
             skips.append(Skip(report_path, MISSING_REPORT, type(error).__name__, key, split))
             continue
         progression_row = progression_of.get(study_id)
-        study_boxes = [box for im in images for box in boxes_of.get(im.dicom_id, [])]
+        study_boxes = [box for im in study_images for box in boxes_of.get(im.dicom_id, [])]
         preferred = sorted({box.dicom_id for box in study_boxes})
         if progression_row:
             preferred.insert(0, progression_row[0])
@@ -179,7 +209,7 @@ def read_mimic(
             study_id,
             split,
             min((d for d in dates if d is not None), default=None),
-            images,
+            study_images,
             report,
             report_path,
             preferred=preferred,
@@ -195,6 +225,11 @@ def read_mimic(
             record.progression = labels_
             record.previous_dicom_id = previous
         records.append(record)
+    if kinds["dcm"]:
+        # Part of the plan: a resumed conversion must not mix JPEG and DICOM decodes of
+        # one tree. Only recorded when DICOM is read, so that a MIMIC-CXR-JPG conversion
+        # keeps the plan it had before DICOM was supported (and its runs still resume).
+        inputs["images"] = {"format": image_format, **dict(sorted(kinds.items()))}
     return AdapterOutput("mimic", records, skips, len(keys), inputs)
 
 
