@@ -100,6 +100,7 @@ def test_readme_examples_run_in_order(tmp_path):
         "export",
         "zero-shot",
         "grounding",
+        "zero-shot-images",
     ]
     for name in ("recipes", "tools"):
         (tmp_path / name).symlink_to(ROOT / name)
@@ -128,5 +129,6 @@ def test_readme_examples_run_in_order(tmp_path):
     assert (tmp_path / "data" / "phantom-shards" / "train" / "manifest.json").is_file()
     assert (tmp_path / "runs" / "debug" / "export" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "debug" / "eval-zs" / "results.json").is_file()
+    assert len(list((tmp_path / "runs" / "debug" / "heatmaps").glob("*.png"))) == 4
     grounding = json.loads((tmp_path / "runs/debug/eval-grounding/results.json").read_text())
     assert grounding["similarity"].startswith("local MI critic")

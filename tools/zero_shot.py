@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Zero-shot classification of an exported checkpoint: same as ``vlp eval zero-shot``.
+"""Prompts against raw radiographs: the same as ``vlp zero-shot``.
 
-Thin wrapper around :func:`vlp.cli.main`, e.g.::
+Prints each prompt's score and the softmax over the prompts for every image; ``--heatmap``
+writes the model's region-score map of each prompt over each image::
 
-    python tools/zero_shot.py --checkpoint runs/debug/export --data shards/test \
-        --out eval/zero_shot --prompts my_prompts.yaml --figures
+    python tools/zero_shot.py --checkpoint runs/demo/run/export --image cxr.png \
+        --prompt "pleural effusion" --prompt "no pleural effusion" --heatmap heatmaps/
+
+The dataset-level zero-shot AUROC evaluation is ``vlp eval zero-shot``.
 """
 
 import sys
@@ -12,4 +15,4 @@ import sys
 from vlp.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["eval", "zero-shot", *sys.argv[1:]]))
+    sys.exit(main(["zero-shot", *sys.argv[1:]]))

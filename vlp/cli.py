@@ -17,7 +17,8 @@ from collections.abc import Callable
 EPILOG = "Docs: README.md and docs/architecture.md. VLP_DEBUG=1 shows tracebacks."
 # `vlp shards` is dispatched before argparse (see main), so the top-level help names it here.
 SHARDS_EPILOG = (
-    "Also `vlp shards {mimic,iu,csv} ...`: convert MIMIC-CXR-JPG, IU X-ray or a CSV table to "
+    "Also `vlp shards {mimic,iu,csv,dicom} ...`: convert MIMIC-CXR (JPG or DICOM), IU X-ray, "
+    "a CSV table or a folder of DICOM radiographs to "
     "WebDataset shards (the converter of tools/make_shards.py; `vlp shards mimic --help` "
     "lists the options of one adapter)."
 )
@@ -100,6 +101,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zero_shot(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from vlp.evaluation.prompting import format_results, score_images
+    from vlp.training.export import load_model
+
+    model, _ = load_model(args.checkpoint)
+    try:
+        results = score_images(
+            model,
+            args.image,
+            prompts=args.prompt or [],
+            prompt_file=args.prompts,
+            objective=args.scorer,
+            heatmap=args.heatmap,
+        )
+    except ValueError as err:  # bad images, prompts or scorer: one line, no traceback
+        raise UserError(str(err)) from None
+    print(format_results(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlp.demo import run_demo
 
@@ -158,6 +184,11 @@ def _add_eval_parsers(parser: argparse.ArgumentParser) -> None:
                 p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             else:
                 p.add_argument(flag, dest=f.name, default=f.default, help=help_text)
+
+
+SCORER_HELP_CLI = (
+    "score with this objective's scorer (default: the recipe's first objective that defines one)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_eval_parsers(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "zero-shot",
+        help="score typed prompts against image files (PNG, JPEG, DICOM), with heatmaps",
+        description="Score prompts against raw radiographs with a trained model's own "
+        "image-text score: each prompt's score and the softmax over the prompts, per image; "
+        "--heatmap writes the region-score map of each prompt over each image. The "
+        "dataset-level AUROC evaluation is `vlp eval zero-shot`.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--checkpoint", required=True, help="export folder or run directory")
+    p.add_argument("--image", nargs="+", required=True, help="image files (PNG, JPEG, DICOM)")
+    p.add_argument(
+        "--prompt", action="append", help="a prompt (repeat: the softmax runs over them)"
+    )
+    p.add_argument("--prompts", default=None, help="a prompt YAML (vlp eval zero-shot's format)")
+    p.add_argument("--scorer", default=None, help=SCORER_HELP_CLI)
+    p.add_argument(
+        "--heatmap", default=None, metavar="DIR", help="write one PNG per image and prompt"
+    )
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_zero_shot)
 
     p = sub.add_parser(
         "demo",
