@@ -6,10 +6,33 @@ PIL draft mode (DCT-domain downscaling by 1/2, 1/4 or 1/8) when the stored image
 least twice as large as needed (``draft_max_upscale`` relaxes this), cropped and resized
 in one PIL call, as uint8 1×H×W tensors. A sample that cannot be used raises
 :class:`SampleError`; the loader skips it and reports it (key, shard, reason).
+
+**Generic image–text samples** (img2dataset, open_clip: ``KEY.jpg|jpeg|png|webp`` +
+``KEY.txt``, optionally ``KEY.json`` with the tool's metadata) are read as single-frontal
+studies: the image is the frontal view (JPEG, PNG or WebP whatever the extension says,
+converted to grayscale; JPEG with draft decoding; 16-bit images scaled by their own range
+as the converter does), the text is the report and its sentences are those of
+:func:`vlp.data.reports.split_sentences`; no lateral, no priors, no labels (NaN, -1). The
+study id is the first 15 hexadecimal digits of SHA-256 of the key as an integer
+(:func:`generic_study_id`: below 2**60, the same on every run and machine, as the DICOM
+adapter derives ids from UIDs). ``meta`` is ``{"shard_format": "generic", "study_id",
+"image_member", "report", "sentences", "metadata"}``, ``metadata`` the parsed ``json`` (or
+None). An empty text, a missing image or text, two images, an image that does not decode
+or a json that does not parse is a :class:`SampleError`, like a bad sample of ours.
+
+Which layout a sample has (``data.shard_format: auto``): ours when it has a
+``frontal.jpg`` (or another view member the recipe reads) or its ``json`` is a record of
+our schema (an object with ``schema_version``), generic otherwise, so shards of both kinds
+can be mixed in one pattern. ``vlp`` or ``generic`` reads every sample as that layout (a
+sample of the other is then skipped under ``image`` or ``record``). A recipe that reads
+what generic samples lack (another view, priors, label fields) fails at load with
+``shard_format: generic`` (:func:`vlp.data.requirements.unmet`) and at the first generic
+sample with ``auto`` (:class:`LayoutMismatch`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -23,6 +46,8 @@ import torch
 from PIL import Image
 
 from vlp.data import schema
+from vlp.data.reports import split_sentences
+from vlp.data.requirements import Requirements, beyond_generic
 from vlp.data.transforms import AugmentConfig, crop_box, min_decode_side, random_affine
 
 if TYPE_CHECKING:
@@ -44,14 +69,40 @@ class SampleError(ValueError):
         self.reason = reason
 
 
+class LayoutMismatch(ValueError):
+    """The recipe reads what a sample's layout cannot give (a lateral, priors or labels of a
+    generic image–text sample): not a bad sample but a recipe that cannot train on this
+    data, so the loader stops with one line instead of skipping every sample."""
+
+
+def generic_study_id(key: str) -> int:
+    """The numeric study id of a generic sample: its key hashed (see the module docstring)."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:15], 16)
+
+
+def _grayscale(img: Image.Image) -> Image.Image:
+    """8-bit grayscale; 16-bit and float images scaled by their own range (PIL's
+    ``convert("L")`` would clip them), the rule of vlp.data.convert.images."""
+    if img.mode == "L":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else array * 0.0
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("L")
+
+
 def decode_radiograph(
     data: bytes,
     out_size: int,
     augment: AugmentConfig | None = None,
     rng: random.Random | None = None,
     max_upscale: float = 1.0,
+    formats: tuple[str, ...] = ("JPEG",),
 ) -> tuple[torch.Tensor, int]:
-    """Decode a JPEG to a uint8 1×S×S grayscale tensor; returns ``(image, draft_scale)``.
+    """Decode a JPEG (or another of PIL's ``formats``) to a uint8 1×S×S grayscale tensor;
+    returns ``(image, draft_scale)``.
 
     ``draft_scale`` is the JPEG DCT reduction PIL applied (1, 2, 4 or 8): the decoder is
     asked for the smallest image whose short side still covers the crop at full detail
@@ -66,17 +117,18 @@ def decode_radiograph(
     if max_upscale < 1.0:
         raise ValueError(f"max_upscale must be >= 1, got {max_upscale}")
     try:
-        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+        with Image.open(io.BytesIO(data), formats=formats) as img:
             width = img.size[0]
             need = math.ceil(min_decode_side(out_size, augment) / max_upscale)
-            img.draft("L", (need, need))
+            img.draft("L", (need, need))  # JPEG only: a no-op for PNG and WebP
             draft_scale = max(1, round(width / img.size[0]))
             img.load()
-            gray = img if img.mode == "L" else img.convert("L")
+            gray = _grayscale(img)
             box = crop_box(gray.size[0], gray.size[1], augment, rng)
             resized = gray.resize((out_size, out_size), Image.Resampling.BILINEAR, box=box)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise SampleError(f"cannot decode JPEG: {type(exc).__name__}: {exc}", "image") from exc
+        kind = "/".join(formats)
+        raise SampleError(f"cannot decode {kind}: {type(exc).__name__}: {exc}", "image") from exc
     image = torch.from_numpy(np.array(resized, dtype=np.uint8)).unsqueeze(0)
     if augment.affine:
         image = random_affine(image, augment, rng)
@@ -161,6 +213,24 @@ def _sentences(value, cfg, rng: random.Random, where: str) -> list[str]:
     return sentences
 
 
+def _json(raw: dict):
+    """The parsed ``json`` member (any JSON value)."""
+    try:
+        return json.loads(raw["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SampleError(f"json member is not UTF-8 JSON: {exc}") from exc
+
+
+def _text(raw: dict) -> str:
+    """The ``txt`` member: the report."""
+    if "txt" not in raw:
+        raise SampleError("missing txt member", "text")
+    try:
+        return raw["txt"].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SampleError(f"txt member is not UTF-8: {exc}", "text") from exc
+
+
 class StudyDecoder:
     """Raw sample (member bytes) → decoded study and its priors; raises
     :class:`SampleError` on bad data."""
@@ -171,16 +241,44 @@ class StudyDecoder:
         self.prior_views = tuple(
             v for v in self.views if cfg.prior_views is None or v in cfg.prior_views
         )
-        members = {"json", "txt", *(f"{v}.jpg" for v in self.views)}
-        members.update(
+        views = {f"{v}.jpg" for v in self.views}
+        views.update(
             f"prior{k}.{v}.jpg" for k in range(1, cfg.priors + 1) for v in self.prior_views
         )
+        #: our image members this recipe reads: their presence marks a sample as ours.
+        self.view_members = frozenset(views)
+        members = {"json", "txt"}
+        if cfg.shard_format != "generic":
+            members |= views
+        if cfg.shard_format != "vlp":
+            members.update(schema.GENERIC_IMAGE_MEMBERS)
         self.members = frozenset(members)
+        # What the recipe reads beyond one frontal image and its text, from the (narrowed)
+        # loader config: checked at each generic sample.
+        self.beyond_generic = beyond_generic(
+            Requirements(
+                views=frozenset(cfg.views),
+                priors=cfg.priors,
+                fields=frozenset(cfg.label_fields),
+            )
+        )
 
-    def _image(self, raw: dict, member: str, rng: random.Random, out: _Decoded) -> torch.Tensor:
+    def _image(
+        self,
+        raw: dict,
+        member: str,
+        rng: random.Random,
+        out: _Decoded,
+        formats: tuple[str, ...] = ("JPEG",),
+    ) -> torch.Tensor:
         try:
             image, scale = decode_radiograph(
-                raw[member], self.cfg.image_size, self.cfg.augment, rng, self.cfg.draft_max_upscale
+                raw[member],
+                self.cfg.image_size,
+                self.cfg.augment,
+                rng,
+                self.cfg.draft_max_upscale,
+                formats,
             )
         except SampleError as exc:
             raise SampleError(f"{member}: {exc}", exc.reason) from exc
@@ -188,22 +286,30 @@ class StudyDecoder:
         out.reduced += scale > 1
         return image
 
+    def layout(self, raw: dict) -> str:
+        """``vlp`` or ``generic``: how ``raw`` is read (the rule of the module docstring)."""
+        if self.cfg.shard_format != "auto":
+            return self.cfg.shard_format
+        if not self.view_members.isdisjoint(raw):
+            return "vlp"
+        if "json" not in raw:
+            return "generic"
+        try:
+            record = _json(raw)
+        except SampleError:
+            return "generic"  # not recognisably ours; the generic path reports the json
+        return "vlp" if isinstance(record, dict) and "schema_version" in record else "generic"
+
     def __call__(self, raw: dict, rng: random.Random) -> _Decoded:
+        if self.layout(raw) == "generic":
+            return self._generic(raw, rng)
         key = raw["__key__"]
         if "json" not in raw:
             raise SampleError("missing json member")
-        try:
-            record = json.loads(raw["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SampleError(f"json member is not UTF-8 JSON: {exc}") from exc
+        record = _json(raw)
         if not isinstance(record, dict):
             raise SampleError(f"json member must be an object, got {type(record).__name__}")
-        if "txt" not in raw:
-            raise SampleError("missing txt member", "text")
-        try:
-            report = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SampleError(f"txt member is not UTF-8: {exc}", "text") from exc
+        report = _text(raw)
         if "frontal.jpg" not in raw:
             raise SampleError("missing frontal.jpg member", "image")
         labels, severity = _labels(record)
@@ -226,6 +332,51 @@ class StudyDecoder:
             raise SampleError(f"json 'priors' must be a list, got {type(prior_records).__name__}")
         for k in range(1, self.cfg.priors + 1):
             out.steps.append(self._prior(raw, k, prior_records, rng, out))
+        return out
+
+    def _generic(self, raw: dict, rng: random.Random) -> _Decoded:
+        """A generic image–text sample → a single-frontal study (see the module docstring)."""
+        if self.beyond_generic:
+            raise LayoutMismatch(
+                "a generic image-text sample (one image and its text, data.shard_format "
+                f"{self.cfg.shard_format}), but the recipe reads {', '.join(self.beyond_generic)}; "
+                "train on shards in vlp's schema (vlp shards), or set data.shard_format: vlp "
+                "to skip generic samples"
+            )
+        key = raw["__key__"]
+        report = _text(raw).strip()
+        if not report:
+            raise SampleError("txt member is empty (the report of a generic sample)", "text")
+        images = [m for m in schema.GENERIC_IMAGE_MEMBERS if m in raw]
+        if not images:
+            expected = ", ".join(f"{key}.{m}" for m in schema.GENERIC_IMAGE_MEMBERS)
+            raise SampleError(f"missing image member (expected one of {expected})", "image")
+        if len(images) > 1:
+            raise SampleError(f"{len(images)} image members {images}, expected one", "image")
+        metadata = _json(raw) if "json" in raw else None
+        study_id = generic_study_id(key)
+        sentences = split_sentences(report)
+        meta = {
+            "shard_format": "generic",
+            "study_id": str(study_id),
+            "image_member": images[0],
+            "report": report,
+            "sentences": sentences,
+            "metadata": metadata,
+        }
+        unknown = [math.nan] * len(schema.CHEXPERT_LABELS)
+        out = _Decoded(key=key, steps=[], labels=unknown, edema_severity=-1, meta=meta)
+        frontal = self._image(raw, images[0], rng, out, schema.GENERIC_IMAGE_FORMATS)
+        current = _Step(
+            present=True,
+            study_id=study_id,
+            gap_days=0.0,
+            images={"frontal": frontal},
+            report=report,
+            sentences=_sentences(sentences, self.cfg, rng, ""),
+            text=True,
+        )
+        out.steps = [current]  # no priors: a recipe that reads them stopped above
         return out
 
     def _prior(self, raw: dict, k: int, records: list, rng: random.Random, out) -> _Step:

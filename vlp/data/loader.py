@@ -10,7 +10,7 @@ Pipeline of one DataLoader worker (all of it runs in the worker; the main proces
 bookkeeps):
 
 1. **Shards.** :func:`vlp.data.shards.resolve_shards` expands ``cfg.shards`` (a manifest,
-   a folder or a brace pattern) into the shard list.
+   a folder with or without one, or a brace pattern) into the shard list.
 2. **Split.** Non-resampled: the shard list is shuffled with a seed of ``(seed, epoch)`` that
    is the same on every rank, *then* dealt to ranks (``[rank::world]``), then to workers.
    Every sample is therefore read exactly once per epoch over all ranks × workers. When
@@ -23,8 +23,9 @@ bookkeeps):
 3. **Read.** :func:`vlp.data.shards.iter_tar_samples`: only the members the recipe needs,
    never a suffix outside :data:`schema.ALLOWED_SUFFIXES`.
 4. **Shuffle.** A sample buffer seeded by ``(seed, epoch, rank, worker)``.
-5. **Decode.** :class:`vlp.data.decode.StudyDecoder`; a sample that fails is skipped and
-   reported (key, shard, reason).
+5. **Decode.** :class:`vlp.data.decode.StudyDecoder` (our schema or a generic image-text
+   sample, ``cfg.shard_format``); a sample that fails is skipped and reported (key, shard,
+   reason); a generic sample under a recipe that reads what it lacks stops the loader.
 6. **Batch.** :func:`vlp.data.collate.collate_studies` tokenises and collates.
 
 Resumption. A worker's raw sample stream is a deterministic function of the seeds, the
@@ -52,8 +53,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.collate import collate_studies
-from vlp.data.decode import SampleError, StudyDecoder
-from vlp.data.schema import BATCH_VIEWS
+from vlp.data.decode import LayoutMismatch, SampleError, StudyDecoder
+from vlp.data.schema import BATCH_VIEWS, SHARD_FORMATS
 from vlp.data.shards import DamagedShard, Shard, ShardError, iter_tar_samples, resolve_shards
 from vlp.data.transforms import AugmentConfig
 
@@ -76,6 +77,10 @@ class LoaderConfig:
     """Recipe parameters of the loader (``data.loader`` in a recipe)."""
 
     shards: str = ""
+    #: the samples' layout: ``auto`` (per sample: ours when it has a vlp member or json
+    #: record, else a generic image-text sample), ``vlp`` or ``generic`` (every sample read
+    #: as that layout; one of the other is skipped and counted); see vlp.data.decode.
+    shard_format: str = "auto"
     batch_size: int = 32  # per rank
     workers: int = 2
     image_size: int = 224  # model input side; views are cropped and resized to it
@@ -105,6 +110,10 @@ class LoaderConfig:
     #: ``seed``, so the same studies stay labelled on every rank, epoch and resume: the
     #: semi-supervised settings (e.g. 5 % labels). ``meta`` keeps the record as written.
     label_fraction: float = 1.0
+    #: label fields (``labels``, ``edema_severity``) the recipe's components read; the
+    #: trainer fills it (vlp.data.requirements.narrowed). A generic sample has no labels,
+    #: so with any listed the loader stops at the first one instead of training on NaN.
+    label_fields: list[str] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # >1 lets JPEG draft decoding undershoot the needed size by this factor (faster, a little
     # softer); 1.0 never upsamples a draft-decoded image
@@ -123,6 +132,10 @@ class LoaderConfig:
         if not self.shards:
             problems.append(
                 "shards is empty (expected a manifest.json, a folder or a brace pattern)"
+            )
+        if self.shard_format not in SHARD_FORMATS:
+            problems.append(
+                f"shard_format must be one of {list(SHARD_FORMATS)}, got {self.shard_format!r}"
             )
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
@@ -319,6 +332,11 @@ class _StudyStream(IterableDataset):
             except SampleError as exc:
                 errors.append((raw["__url__"], raw["__key__"], str(exc), exc.reason, 1, None))
                 continue
+            except LayoutMismatch as exc:
+                # Raised in the main process: an exception raised here would reach it
+                # wrapped in DataLoader's worker traceback instead of as one line.
+                yield item({"_fatal": f"{raw['__key__']} in {raw['__url__']}: {exc}"})
+                return
             images += study.images
             reduced += study.reduced
             pending.append(study)
@@ -464,6 +482,10 @@ class VLPLoader:
                 self.progress.raw[worker] = item.pop("_raw_end")
                 self.progress.next_worker = (worker + 1) % self.logical_workers
                 self._count(item)
+                if "_fatal" in item:
+                    from vlp.config.loader import ConfigError  # vlp.config imports this module
+
+                    raise ConfigError(None, "data.shards", item["_fatal"])
                 if item.pop("_end", False):
                     self.progress.done[worker] = True
                     continue

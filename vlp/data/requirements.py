@@ -53,12 +53,27 @@ class Requirements:
         return total
 
 
+def beyond_generic(need: Requirements) -> list[str]:
+    """What ``need`` reads that a generic image–text sample (one frontal image and its
+    text, :mod:`vlp.data.decode`) cannot give: other views, priors, label fields."""
+    wants = []
+    views = sorted(need.views - {"frontal"})
+    if views:
+        wants.append(f"the view(s) {views}")
+    if need.priors:
+        wants.append(f"{need.priors} prior study(ies)")
+    if need.fields:
+        wants.append(f"the label field(s) {sorted(need.fields)}")
+    return wants
+
+
 def unmet(need: Requirements, data, who: str) -> list[tuple[str, str]]:
     """``(dotted data key, message)`` for each need of ``who`` that ``data`` does not meet.
 
     ``data`` is the recipe's data section (a ``LoaderConfig``). Reports and label fields
     are always in a batch; views, priors, the priors' views and text, and sentences are
-    recipe settings.
+    recipe settings. With ``data.shard_format: generic`` only what a generic image-text
+    sample has can be read (:func:`beyond_generic`).
     """
     problems = []
     missing = sorted(need.views - set(data.views))
@@ -102,13 +117,25 @@ def unmet(need: Requirements, data, who: str) -> list[tuple[str, str]]:
     unknown = sorted(need.fields - set(LABEL_FIELDS))
     if unknown:
         problems.append(("data", f"{who} needs unknown batch field(s) {unknown}"))
+    wants = beyond_generic(need) if data.shard_format == "generic" else []
+    if wants:
+        # With `auto` the layout is known only when a sample is read: the loader stops at
+        # the first generic one instead (vlp.data.decode).
+        problems.append(
+            (
+                "data.shard_format",
+                f"{who} needs {', '.join(wants)}, which generic image-text shards do not "
+                "have (one image and its text per sample); use shards in vlp's schema",
+            )
+        )
     return problems
 
 
 def narrowed(data, need: Requirements):
     """``data`` (a ``LoaderConfig``) decoding only what ``need`` asks for: the views in
     ``need`` (the current frontal always), ``need.priors`` priors with only the views and
-    text read at them, reports and sentences only when some component reads them. ``need``
+    text read at them, reports and sentences only when some component reads them, and the
+    label fields read (so that generic samples, which have none, stop the loader). ``need``
     must be met (:func:`unmet` empty)."""
     priors = min(data.priors, need.priors)
     wanted = need.views | (need.prior_views if priors else frozenset())
@@ -121,4 +148,5 @@ def narrowed(data, need: Requirements):
         prior_text=bool(priors and need.prior_text),
         sentences=data.sentences and "sentence" in text,
         reports="report" in text,
+        label_fields=sorted(need.fields),
     )

@@ -16,6 +16,11 @@ One WebDataset sample is one *study*. Its members are:
     tools (open_clip's trainer among them) can read the shards.
 
 Boxes are stored in the pixel coordinates of the *stored* (resized) image.
+
+The loader also reads *generic* image–text samples (img2dataset / open_clip shards):
+``KEY.jpg`` (or ``.jpeg``, ``.png``, ``.webp``) + ``KEY.txt``, optionally ``KEY.json``
+(the tool's own metadata, not :data:`JSON_FIELDS`). They are single-frontal studies
+without labels; :mod:`vlp.data.decode` says how they are read and told apart from ours.
 """
 
 from __future__ import annotations
@@ -66,8 +71,17 @@ def check_view(view: str, key: str = "view") -> None:
 #: Image members of a sample; prior members are ``prior{k}.`` + one of these.
 VIEW_MEMBERS = ("frontal.jpg", "lateral.jpg")
 
+#: The image member of a generic image–text sample (one of them), and the formats PIL may
+#: decode it as (web tools do not always keep the extension and the encoding in step).
+GENERIC_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+GENERIC_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+#: ``data.shard_format``: ``auto`` tells the layouts apart per sample, ``vlp`` and
+#: ``generic`` read every sample as that layout.
+SHARD_FORMATS = ("auto", "vlp", "generic")
+
 #: Members a shard may contain. Anything else (notably ``.pyd``/``.pickle``) is rejected.
-ALLOWED_SUFFIXES = ("jpg", "json", "txt")
+ALLOWED_SUFFIXES = ("jpg", "jpeg", "png", "webp", "json", "txt")
 
 #: Fields of the ``json`` member (documentation; the converter writes exactly these).
 JSON_FIELDS = {

@@ -5,8 +5,10 @@ into raw samples ``{"__key__", "__url__", suffix: bytes}``, refusing anything th
 the contract of :mod:`vlp.data.schema`.
 
 ``cfg.shards`` is a ``manifest.json`` (or a folder holding one, directly or under
-``<split>/``) or a brace pattern / URL list understood by ``webdataset.gopen`` (local
-paths, ``http(s)://``, ``pipe:``).
+``<split>/``), a folder without one (its ``*.tar`` files, directly or under ``<split>/``,
+in name order: how img2dataset writes a dataset), or a brace pattern / URL list understood
+by ``webdataset.gopen`` (local paths, ``http(s)://``, ``pipe:``). Only a manifest gives
+the shards' sample counts (resampling weights them by it; otherwise uniformly).
 
 Our own tar reader groups members by key, rejects any member whose suffix is not in
 :data:`schema.ALLOWED_SUFFIXES` (no pickle can ever be decoded), and keeps only the bytes
@@ -108,12 +110,18 @@ def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
     if not spec:
         raise ShardError("no shards given (loader.shards is empty)")
     if _is_local(spec) and Path(spec).is_dir():
-        candidates = [Path(spec) / "manifest.json", Path(spec) / split / "manifest.json"]
+        folders = [Path(spec), Path(spec) / split]
+        candidates = [folder / "manifest.json" for folder in folders]
         for candidate in candidates:
             if candidate.is_file():
                 return read_manifest(str(candidate))
+        for folder in folders:
+            tars = sorted(folder.glob("*.tar")) if folder.is_dir() else []
+            if tars:
+                return [Shard(str(tar), None) for tar in tars]
         raise ShardError(
-            f"{spec}: folder has no manifest.json (looked for {', '.join(map(str, candidates))})"
+            f"{spec}: folder has no manifest.json (looked for {', '.join(map(str, candidates))}) "
+            f"and no *.tar shards (in {', '.join(map(str, folders))})"
         )
     if spec.endswith(".json"):
         return read_manifest(spec)
