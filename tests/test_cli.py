@@ -98,6 +98,7 @@ def test_readme_examples_run_in_order(tmp_path):
         "phantom-and-shards",
         "pretrain-debug",
         "export",
+        "export-hf",
         "zero-shot",
         "grounding",
         "zero-shot-images",
@@ -130,5 +131,10 @@ def test_readme_examples_run_in_order(tmp_path):
     assert (tmp_path / "runs" / "debug" / "export" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "debug" / "eval-zs" / "results.json").is_file()
     assert len(list((tmp_path / "runs" / "debug" / "heatmaps").glob("*.png"))) == 4
+    hf = tmp_path / "runs" / "debug" / "export-hf"
+    assert (hf / "text" / "config.json").is_file() and (hf / "image" / "config.json").is_file()
+    assert (hf / "README.md").is_file() and (
+        tmp_path / "runs" / "debug" / "export" / "README.md"
+    ).is_file()
     grounding = json.loads((tmp_path / "runs/debug/eval-grounding/results.json").read_text())
     assert grounding["similarity"].startswith("local MI critic")

@@ -64,8 +64,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vlp.training.export import export
+    from vlp.training.formats import NotExpressible
 
-    export(args.run_dir, out=args.out, step=args.step)
+    try:
+        export(args.run_dir, out=args.out, step=args.step, fmt=args.format, evals=args.eval)
+    except NotExpressible as err:  # the model has a part the format cannot hold: one line
+        raise UserError(str(err)) from None
     return 0
 
 
@@ -239,12 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="consolidate a run's sharded checkpoint into model.safetensors + config.yaml",
         description="Consolidate the newest (or --step) DeepSpeed checkpoint of RUN_DIR into "
-        "one model.safetensors and config.yaml that the evaluators load without DeepSpeed.",
+        "one model.safetensors and config.yaml that the evaluators load without DeepSpeed, "
+        "or (--format) into a folder open_clip or transformers + timm load; every export "
+        "writes a model card README.md.",
         epilog=EPILOG,
     )
     p.add_argument("run_dir", help="run directory written by vlp pretrain")
-    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default RUN_DIR/export, RUN_DIR/export-open_clip, RUN_DIR/export-hf)",
+    )
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument(
+        "--format",
+        choices=("vlp", "open_clip", "hf"),
+        default="vlp",
+        help="vlp: what vlp eval loads (default); open_clip: a folder open_clip loads "
+        "(create_model_and_transforms('local-dir:FOLDER')); hf: the text tower by "
+        "save_pretrained, the image tower by timm's save_for_hf, the projections in "
+        "safetensors + JSON",
+    )
+    p.add_argument(
+        "--eval",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="results.md (or a folder holding one) for the model card README.md; repeatable "
+        "(default: every RUN_DIR/eval*/results.md)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

@@ -4,6 +4,8 @@ The export is what evaluators load, without DeepSpeed or a process group:
 :func:`load_model` rebuilds the model from the resolved recipe and loads the weights.
 ZeRO stage 1–3 checkpoints are consolidated with DeepSpeed's own ``zero_to_fp32``
 (fp32 master weights); stage 0 checkpoints hold the full module state already.
+``fmt`` ``open_clip`` and ``hf`` write folders those libraries load without vlp
+(``vlp.training.formats``); every export writes a model card ``README.md``.
 """
 
 from __future__ import annotations
@@ -32,10 +34,8 @@ def _consolidated_state_dict(folder: Path) -> dict:
     return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
 
 
-def export(run_dir: str | Path, out: str | Path | None = None, step: int | None = None) -> Path:
-    """Write ``out/model.safetensors`` and ``out/config.yaml``; returns ``out``."""
-    from safetensors.torch import save_file
-
+def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> Path:
+    """The completed ``step-N/`` folder of ``run_dir`` to export (default: the latest)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG})")
@@ -47,11 +47,37 @@ def export(run_dir: str | Path, out: str | Path | None = None, step: int | None 
         folder = run_dir / step_tag(step)
         if folder not in [f for _, f in completed_checkpoints(run_dir)]:
             raise FileNotFoundError(f"{folder} is not a completed checkpoint")
+    return folder
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    step: int | None = None,
+    fmt: str = "vlp",
+    evals: list | None = None,
+) -> Path:
+    """Write ``out/model.safetensors``, ``out/config.yaml`` and the model card
+    ``out/README.md`` (``fmt`` ``vlp``), or another format's folder
+    (``vlp.training.formats``: ``open_clip``, ``hf``); returns ``out``. ``evals``: the
+    ``results.md`` files (or folders) for the card; default ``RUN_DIR/eval*/results.md``."""
+    from safetensors.torch import save_file
+
+    from vlp.training import formats
+
+    run_dir = Path(run_dir)
+    if fmt not in formats.FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {formats.FORMATS}")
+    folder = checkpoint_folder(run_dir, step)
+    if fmt != "vlp":
+        return formats.export_format(run_dir, folder, fmt, out=out, evals=evals)
+    formats.eval_tables(run_dir, evals)  # a bad --eval fails before anything is written
     out = Path(out) if out is not None else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in _consolidated_state_dict(folder).items()}
     save_file(state, str(out / WEIGHTS), metadata={"source": str(folder), "format": "pt"})
     shutil.copyfile(run_dir / CONFIG, out / CONFIG)
+    formats.write_model_card(run_dir, folder, fmt, out, evals)
     print(f"exported {folder} -> {out / WEIGHTS} ({len(state)} tensors)")
     return out
 
