@@ -95,6 +95,7 @@ def test_readme_examples_run_in_order(tmp_path):
     """Runs the README's examples as a user would, in a scratch copy of the working folder."""
     examples = readme_examples()
     assert [n for n, _ in examples] == [
+        "dicom-phantom",
         "phantom-and-shards",
         "pretrain-debug",
         "export",
@@ -127,6 +128,8 @@ def test_readme_examples_run_in_order(tmp_path):
             f"README example {name!r} failed:\n{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         )
     assert (tmp_path / "data" / "phantom" / "preview.png").is_file()
+    assert list((tmp_path / "data" / "phantom-dcm" / "files").glob("*/*/*/*.dcm"))
+    assert (tmp_path / "data" / "phantom-dcm-shards" / "train" / "manifest.json").is_file()
     assert (tmp_path / "data" / "phantom-shards" / "train" / "manifest.json").is_file()
     assert (tmp_path / "runs" / "debug" / "export" / "model.safetensors").is_file()
     assert (tmp_path / "runs" / "debug" / "eval-zs" / "results.json").is_file()

@@ -776,3 +776,42 @@ def test_tar_members_of_a_dicom_conversion_are_allowed(tmp_path):
             for name in tar.getnames():
                 key, suffix = name.split(".", 1)  # one dot: the key holds none
                 assert "/" not in key and suffix.rsplit(".", 1)[-1] in ("jpg", "json", "txt")
+
+
+def test_the_phantom_written_as_dicom_converts_to_the_jpeg_phantoms_pictures(tmp_path):
+    """``vlp phantom --image-format dcm`` writes the MIMIC-CXR DICOM layout; converted, its
+    images are the JPEG phantom's (same seed) up to JPEG's loss and the window's rounding,
+    and a viewer's window shows the 8-bit picture again (PS3.3 C.11.2.1.2)."""
+    import glob
+    import io
+    import tarfile
+
+    import pydicom
+    from PIL import Image as PILImage
+
+    from vlp.data.convert.api import ConvertOptions, convert_mimic
+    from vlp.data.phantom import PhantomConfig, generate
+
+    pictures = {}
+    for kind in ("jpg", "dcm"):
+        root = tmp_path / kind
+        generate(root, PhantomConfig(patients=3, image_size=128, image_format=kind), progress=False)
+        convert_mimic(root, tmp_path / f"{kind}-shards", ConvertOptions(image_size=128))
+        found = {}
+        for shard in glob.glob(str(tmp_path / f"{kind}-shards" / "*" / "*.tar")):
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    if member.name.endswith(".jpg"):
+                        data = tar.extractfile(member).read()
+                        found[member.name] = np.asarray(PILImage.open(io.BytesIO(data)), float)
+        pictures[kind] = found
+    assert pictures["jpg"] and set(pictures["jpg"]) == set(pictures["dcm"])
+    for name, picture in pictures["jpg"].items():
+        assert np.abs(picture - pictures["dcm"][name]).mean() < 2.0, name
+    path = sorted(glob.glob(str(tmp_path / "dcm" / "files" / "*" / "*" / "*" / "*.dcm")))[0]
+    ds = pydicom.dcmread(path)
+    assert (ds.BitsStored, ds.PhotometricInterpretation, ds.Modality) == (12, "MONOCHROME2", "DX")
+    stored = ds.pixel_array.astype(float)
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    shown = np.clip(((stored - (c - 0.5)) / (w - 1) + 0.5) * 255.0, 0, 255)
+    assert np.abs(shown - stored / 16).max() <= 1.0

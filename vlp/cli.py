@@ -79,7 +79,11 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     if args.out is None and args.preview is None:
         raise UserError("give --out DIR (generate a dataset) and/or --preview PNG")
     config = PhantomConfig(
-        patients=args.patients, seed=args.seed, image_size=args.image_size, workers=args.workers
+        patients=args.patients,
+        seed=args.seed,
+        image_size=args.image_size,
+        workers=args.workers,
+        image_format=args.image_format,
     )
     try:
         config.validate()
@@ -286,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, default=512, help="long side in pixels (default 512)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument(
+        "--image-format",
+        choices=("jpg", "dcm"),
+        default="jpg",
+        help="jpg (MIMIC-CXR-JPG, default) or dcm (12-bit DICOM, the MIMIC-CXR layout)",
+    )
     p.add_argument("--preview", default=None, metavar="PNG", help="write a preview grid of studies")
     p.set_defaults(func=cmd_phantom)
 

@@ -44,6 +44,9 @@ class PhantomConfig:
     seed: int = 0
     image_size: int = 512  # long (vertical) side of the written JPEGs
     jpeg_quality: int = 95
+    #: ``jpg`` (MIMIC-CXR-JPG) or ``dcm``: 12-bit MONOCHROME2 DICOM files with a window
+    #: that shows the picture the JPEG would hold (the MIMIC-CXR DICOM layout).
+    image_format: str = "jpg"
     prevalence: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREVALENCE))
     subtlety: float = 1.0  # contrast multiplier of findings; lower is harder
     lateral_fraction: float = 0.85
@@ -59,6 +62,10 @@ class PhantomConfig:
     def validate(self) -> None:
         if self.patients < 1:
             raise ValueError(f"PhantomConfig.patients must be >= 1, got {self.patients}")
+        if self.image_format not in ("jpg", "dcm"):
+            raise ValueError(
+                f"PhantomConfig.image_format must be 'jpg' or 'dcm', got {self.image_format!r}"
+            )
         if self.image_size < 32:
             raise ValueError(f"PhantomConfig.image_size must be >= 32, got {self.image_size}")
         if not 1 <= self.min_studies <= self.max_studies:
@@ -165,7 +172,12 @@ def _patient(job: tuple) -> list[dict]:
             acq = sample_acquisition(rng, vp)
             img, boxes = renderer.render(key, findings, acq, config.subtlety)
             did = dicom_id(config.seed, subject_id, study_id, f"{t}:{key}")
-            Image.fromarray(img, "L").save(sdir / f"{did}.jpg", "JPEG", quality=config.jpeg_quality)
+            if config.image_format == "dcm":
+                write_dicom(sdir / f"{did}.dcm", img, subject_id, study_id, did, vp, when)
+            else:
+                Image.fromarray(img, "L").save(
+                    sdir / f"{did}.jpg", "JPEG", quality=config.jpeg_quality
+                )
             orientation = "Recumbent" if vp == "AP" and rng.uniform() < 0.4 else "Erect"
             view_rec[key] = {
                 "dicom_id": did,
@@ -295,3 +307,38 @@ def render_view(rec: dict, view: str = "frontal", image_size: int | None = None)
     findings = _raw_findings(rec)
     img, _ = r.render(view, findings, acq, rec["subtlety"])
     return img, r.masks(view, findings, acq, rec["subtlety"])
+
+
+#: the phantom's DICOM UID root (a made-up organisation root under the "2.25" UUID arc).
+_UID_ROOT = "2.25.1712"
+
+
+def write_dicom(path, img, subject_id: int, study_id: int, did: str, view: str, when) -> None:
+    """One phantom radiograph as a DX DICOM file: 12 bits stored (the 8-bit picture × 16)
+    with a window (centre 2040, width 4096) under which a viewer shows the 8-bit picture
+    again (DICOM PS3.3 C.11.2.1.2), the view in ViewPosition, patient and study tags."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    dx_storage = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage, for presentation
+    instance = f"{_UID_ROOT}.3.{study_id}.{int(did[:8], 16)}"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = dx_storage
+    ds.file_meta.MediaStorageSOPInstanceUID = instance
+    ds.SOPClassUID, ds.SOPInstanceUID = dx_storage, instance
+    ds.StudyInstanceUID = f"{_UID_ROOT}.1.{study_id}"
+    ds.SeriesInstanceUID = f"{_UID_ROOT}.2.{study_id}"
+    ds.PatientID = str(subject_id)
+    ds.Modality = "DX"
+    ds.StudyDate, ds.StudyTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+    ds.ViewPosition = view
+    ds.Rows, ds.Columns = img.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2040, 4096
+    ds.PixelData = (np.asarray(img, dtype=np.uint16) * 16).tobytes()
+    ds.save_as(path, enforce_file_format=True)

@@ -81,7 +81,13 @@ def write_preview(data_dir_or_config, out_png, n_studies: int = 6, real_referenc
             if v is None:
                 ax.set_title(f"{key}: none", fontsize=9)
                 continue
-            img = np.asarray(Image.open(study / f"{v['dicom_id']}.jpg"))
+            path = study / f"{v['dicom_id']}.jpg"
+            if path.is_file():
+                img = np.asarray(Image.open(path))
+            else:  # a phantom written as DICOM (image_format dcm)
+                from vlp.data.convert.dicom import read_display_pixels
+
+                img = read_display_pixels(str(path.with_suffix(".dcm")))
             ax.imshow(img, cmap="gray", vmin=0, vmax=255)
             ax.set_title(f"{v['view_position']}  s{rec['study_id']}", fontsize=9)
             for kind in kinds:
