@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -378,11 +379,18 @@ def test_clip_recipe_trains_on_generic_shards_under_deepspeed(tmp_path, phantom_
                 for i in range(6)
             ],
         )  # fmt: skip
+    # The README's command, on these shards: its recipe and its shard pattern, relocated.
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- generic-shards-example:.*?-->\n```bash\n(.*?)\n```", readme, re.S)
+    command = re.fullmatch(
+        r"vlp pretrain (\S+) --set 'data\.shards=/data/laion-cxr/(\S+)'", block[1]
+    )
+    recipe, pattern = command[1], command[2].replace("00009", "00001")
     history = run_training(
         tmp_path,
         "generic",
-        recipe=str(ROOT / "recipes" / "clip.yaml"),
-        overrides=[*SMALL, f"data.shards={tmp_path}/data/{{00000..00001}}.tar", "train.steps=3"],
+        recipe=str(ROOT / recipe),
+        overrides=[*SMALL, f"data.shards={tmp_path}/data/{pattern}", "train.steps=3"],
         cache=phantom_cache,
     )[0]
     assert history["steps"] == [1, 2, 3]
