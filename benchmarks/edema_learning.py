@@ -13,7 +13,8 @@ steps, lr 1e-3:
   (``--classifier objective``) and by the same probe as CLIP;
 * ``edema_semisup`` (M2) and ``edema_supervised`` (its twin) at ``data.label_fraction``
   0.05 and 0.2: only that fraction of the training studies keeps its label; scored by
-  their own classifier (the probe would see every label).
+  their own classifier (the probe would see every label); and M2 at 0.2 with 10× the
+  recipe's classification weight α.
 
 Metrics on the test split (``vlp eval edema``): ordinal AUCs 0v123, 01v23, 012v3, their
 mean, accuracy, with 95 % bootstrap intervals. Writes ``OUT/edema_learning.md`` (and
@@ -67,6 +68,12 @@ def arms(steps: int) -> dict:
                 [f"data.label_fraction={fraction}"],
                 ("objective",),
             )
+    # M2's classification weight α against the summed-pixel bound: the recipe's 100 and 10×.
+    out["edema_semisup 20% alpha 1000"] = (
+        "edema_semisup.yaml",
+        ["data.label_fraction=0.2", "objectives[0].alpha=1000.0"],
+        ("objective",),
+    )
     return out
 
 
