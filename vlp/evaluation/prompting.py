@@ -120,15 +120,17 @@ def score_images(
             entry["groups"][group] = {name: float(p) for (name, _), p in zip(members, probs)}
         results.append(entry)
     if heatmap is not None:
-        written = write_heatmaps(model, scorer, feats, pixels, images, list(prompts), heatmap)
+        # The typed prompts come first in ``texts``: their embeddings are the first rows.
+        typed = text[: len(prompts)]
+        written = write_heatmaps(scorer, feats, pixels, images, list(prompts), typed, heatmap)
         for entry, paths in zip(results, written):
             entry["heatmaps"] = paths
     return results
 
 
-def write_heatmaps(model, scorer, feats, pixels, images, prompts, folder) -> list[list[str]]:
-    """One PNG per image and typed prompt: the image with the scorer's region map over it
-    (bilinear to the image, as grounding evaluates it)."""
+def write_heatmaps(scorer, feats, pixels, images, prompts, text, folder) -> list[list[str]]:
+    """One PNG per image and typed prompt (``text``: their embeddings): the image with the
+    scorer's region map over it (bilinear to the image, as grounding evaluates it)."""
     from vlp.evaluation.grounding import frontal_tokens
 
     if not prompts:
@@ -145,10 +147,9 @@ def write_heatmaps(model, scorer, feats, pixels, images, prompts, folder) -> lis
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    device = model_device(model)
+    device = text.device
     frontal = frontal_tokens(feats)
     gh, gw = frontal["image_grid"]
-    text = text_embeddings(model, prompts, scorer.text_kind).to(device)
     size = pixels.shape[-1]
     written = []
     for b, path in enumerate(images):
