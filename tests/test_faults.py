@@ -44,6 +44,30 @@ def test_killed_while_checkpointing_resume_auto_skips_the_partial_checkpoint(
     assert (partial / "COMPLETE").is_file()  # rewritten whole by the resumed run
 
 
+def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_keeps_the_last_one(
+    tmp_path, phantom_cache
+):
+    overrides = [*SMALL, FAULTS, "train.steps=6", "checkpoint.every=2"]
+    run_dir = tmp_path / "full-disk"
+    command = [sys.executable, "-m", "vlp.cli", "pretrain", DEBUG, "--run-dir", str(run_dir)]
+    for item in overrides:
+        command += ["--set", item]
+    env = dict(env_for(phantom_cache), VLP_TEST_DISK_FULL_AT_CHECKPOINT="4")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "checkpoint step-4 could not be written" in last and "No space left" in last
+    assert "step-2 is intact" in last and "Traceback" not in proc.stderr
+    assert not (run_dir / "step-4").exists()  # the partial folder is gone
+    assert (run_dir / "latest").read_text() == "step-2"
+    resumed = run_training(
+        tmp_path, "after", overrides=overrides, resume="auto", run_dir=run_dir,
+        cache=phantom_cache,
+    )[0]  # fmt: skip
+    assert resumed["steps"] == [3, 4, 5, 6]
+    assert (run_dir / "latest").read_text() == "step-6"
+
+
 def _tensorboard(run_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -359,9 +359,17 @@ def _version() -> str:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from vlp.config.loader import ConfigError
     from vlp.data.loader import TooManySkipped
+    from vlp.training.checkpoint import CheckpointWriteError
     from vlp.training.trainer import NonFiniteLoss
 
-    return (UserError, FileNotFoundError, ConfigError, TooManySkipped, NonFiniteLoss)
+    return (
+        UserError,
+        FileNotFoundError,
+        ConfigError,
+        TooManySkipped,
+        NonFiniteLoss,
+        CheckpointWriteError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

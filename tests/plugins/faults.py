@@ -3,7 +3,8 @@
 With ``VLP_TEST_KILL_IN_CHECKPOINT=N`` in the environment, the process SIGKILLs itself
 while saving checkpoint ``step-N``: after DeepSpeed has written its files and before the
 trainer state and the ``COMPLETE`` marker, the moment a preempted or crashed job leaves a
-partial checkpoint behind. Without the variable it changes nothing.
+partial checkpoint behind. With ``VLP_TEST_DISK_FULL_AT_CHECKPOINT=N`` the disk fills at
+the same moment (``OSError`` ENOSPC). Without the variables it changes nothing.
 
 The objective ``nan_at_steps`` makes the loss NaN on chosen training steps.
 """
@@ -26,7 +27,24 @@ def _save_or_die(engine, run_dir, step, trainer_state, keep):
     if target and int(target) == step:
         engine.save_checkpoint(str(run_dir), tag=checkpoint.step_tag(step), save_latest=False)
         os.kill(os.getpid(), signal.SIGKILL)
+    full = os.environ.get("VLP_TEST_DISK_FULL_AT_CHECKPOINT")
+    if full and int(full) == step:
+        _disk_full_after_deepspeed(engine)
     return _save(engine, run_dir, step, trainer_state, keep)
+
+
+def _disk_full_after_deepspeed(engine) -> None:
+    """DeepSpeed writes its files, then the disk is full (the trainer state fails)."""
+    import errno
+
+    save_checkpoint = engine.save_checkpoint
+
+    def full(*args, **kwargs):
+        save_checkpoint(*args, **kwargs)
+        engine.save_checkpoint = save_checkpoint
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    engine.save_checkpoint = full
 
 
 checkpoint.save = _save_or_die

@@ -85,19 +85,45 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only run directory, ...): the
+    run stops, the previous complete checkpoint and ``latest`` are left as they were."""
+
+
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    A rank that cannot write (an ``OSError``: no space, a read-only or vanished run
+    directory) does not leave the others waiting: the failure is all-reduced before the
+    ``COMPLETE`` marker, the partial folder is removed and :class:`CheckpointWriteError`
+    names the error and the checkpoint still intact. (Assumes the failing write returns
+    on every rank, e.g. a shared file system that is full for all of them.)"""
     run_dir = Path(run_dir)
     tag = step_tag(step)
     folder = run_dir / tag
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and folder.exists():  # a partial folder from a killed save
-        shutil.rmtree(folder)
-    _barrier()
-    engine.save_checkpoint(str(run_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    state = dict(trainer_state, step=step, rng=_rng_to_tensors(rng_state()))
-    torch.save(state, folder / f"trainer_state_rank{rank}.pt")
-    _barrier()
+    error = None
+    try:
+        if rank == 0 and folder.exists():  # a partial folder from a killed save
+            shutil.rmtree(folder)
+        _barrier()
+        engine.save_checkpoint(
+            str(run_dir), tag=tag, client_state={"step": step}, save_latest=False
+        )
+        state = dict(trainer_state, step=step, rng=_rng_to_tensors(rng_state()))
+        torch.save(state, folder / f"trainer_state_rank{rank}.pt")
+    except OSError as err:
+        error = err
+    if _any_rank(error is not None):
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
+        reason = f"{type(error).__name__}: {error}" if error else "another rank failed to write"
+        raise CheckpointWriteError(
+            f"checkpoint {tag} could not be written in {run_dir} ({reason}); the run stops; "
+            f"{kept}, and --resume auto continues from it once the run directory is writable"
+        )
     if rank == 0:
         (folder / COMPLETE).write_text(f"{step}\n")
         tmp = run_dir / f".{LATEST}.tmp"
@@ -107,6 +133,16 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int)
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return folder
+
+
+def _any_rank(flag: bool) -> bool:
+    """Collective: whether ``flag`` is true on some rank (also the barrier before
+    ``COMPLETE``: every rank has finished writing when it returns)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def load(engine, folder: str | Path) -> dict:
