@@ -121,3 +121,56 @@ def test_non_finite_losses_in_a_row_stop_the_run_in_one_line(tmp_path, phantom_c
     assert "train.max_nonfinite_steps" in last and "2 step(s) in a row up to step 3" in last
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "run" / "step-2" / "COMPLETE").is_file()  # from before the bad steps
+
+
+BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+NAN_GRAD = NAN.replace("nan_at_steps", "nan_grad_at_steps")
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_non_finite_gradients_with_a_finite_loss_skip_the_step(tmp_path, phantom_cache, stage):
+    """ZeRO-0 in fp32 is skipped by the trainer (DeepSpeed would clip by a NaN norm and
+    apply it); ZeRO-2/3 by DeepSpeed, whose skip the trainer counts and whose schedule it
+    keeps in step."""
+    from safetensors.torch import load_file
+
+    from vlp.training.export import export
+
+    base = [*SMALL, FAULTS, "train.steps=4", "checkpoint.every=1", "checkpoint.keep=5",
+            f"deepspeed.zero_stage={stage}"]  # fmt: skip
+    never = NAN_GRAD.replace("steps: [3]", "steps: []")
+    clean = run_training(tmp_path, "clean", overrides=[*base, never], cache=phantom_cache)[0]
+    hit = run_training(tmp_path, "nan", overrides=[*base, NAN_GRAD], cache=phantom_cache)[0]
+    assert hit["losses"][:3] == pytest.approx(clean["losses"][:3], abs=1e-7)  # all finite
+    assert _tensorboard(tmp_path / "nan", "train/nonfinite_skipped")[4] == 1.0
+    assert _tensorboard(tmp_path / "nan", "lr/image/decay") == _tensorboard(
+        tmp_path / "clean", "lr/image/decay"
+    )
+    weights = {
+        step: load_file(export(tmp_path / "nan", tmp_path / f"w{step}", step) / "model.safetensors")
+        for step in (2, 3, 4)
+    }
+    # Step 3 changed no weight (its forward still counted batches in BatchNorm's buffers);
+    # step 4 trained again, and nothing became NaN.
+    params = [k for k in weights[2] if not k.endswith(BATCHNORM_BUFFERS)]
+    assert len(params) > 50
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in params)
+    assert any(not torch.equal(weights[3][k], weights[4][k]) for k in weights[3])
+    assert all(bool(torch.isfinite(v).all()) for v in weights[4].values())
+
+
+def test_non_finite_gradients_in_a_row_stop_the_run_in_one_line(tmp_path, phantom_cache):
+    nan = NAN_GRAD.replace("steps: [3]", "steps: [3, 4]")
+    command = [sys.executable, "-m", "vlp.cli", "pretrain", DEBUG,
+               "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    for item in [*SMALL, FAULTS, nan, "train.steps=6", "train.max_nonfinite_steps=2",
+                 "deepspeed.zero_stage=2"]:  # fmt: skip
+        command += ["--set", item]
+    proc = subprocess.run(
+        command, env=env_for(phantom_cache), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "train.max_nonfinite_steps" in last and "2 step(s) in a row up to step 4" in last
+    assert "gradients are not finite" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "step-2" / "COMPLETE").is_file()

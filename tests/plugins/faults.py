@@ -6,7 +6,8 @@ trainer state and the ``COMPLETE`` marker, the moment a preempted or crashed job
 partial checkpoint behind. With ``VLP_TEST_DISK_FULL_AT_CHECKPOINT=N`` the disk fills at
 the same moment (``OSError`` ENOSPC). Without the variables it changes nothing.
 
-The objective ``nan_at_steps`` makes the loss NaN on chosen training steps.
+The objective ``nan_at_steps`` makes the loss NaN on chosen training steps,
+``nan_grad_at_steps`` keeps the loss finite and makes its gradients NaN.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
+
+import torch
 
 from vlp.objectives.base import Objective, ObjectiveOutput
 from vlp.registry import register
@@ -78,3 +81,40 @@ class NanAtSteps(Objective):
         zero = 0.0 * features[self.config.image_key].sum()
         bad = self.training and self.calls in self.config.steps
         return ObjectiveOutput({"nan": zero + (float("nan") if bad else 0.0)}, {})
+
+
+# ------------------------------------------------- a finite loss with non-finite gradients
+
+
+class _NanBackward(torch.autograd.Function):
+    """Identity forward; its backward returns NaN: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@register("objective", "nan_grad_at_steps", config=NanAtStepsConfig)
+class NanGradAtSteps(Objective):
+    """Adds 0 to the loss; on the listed training forward passes the gradient it sends to
+    the image embedding (and so to the image tower and head) is NaN."""
+
+    def __init__(self, config: NanAtStepsConfig, dims):
+        super().__init__(config, dims)
+        self.calls = 0
+
+    @classmethod
+    def features_needed(cls, config: NanAtStepsConfig) -> frozenset[str]:
+        return frozenset({config.image_key})
+
+    def forward(self, features: dict, batch: dict) -> ObjectiveOutput:
+        if self.training:
+            self.calls += 1
+        image = features[self.config.image_key]
+        if self.training and self.calls in self.config.steps:
+            image = _NanBackward.apply(image)
+        return ObjectiveOutput({"nan_grad": 0.0 * image.sum()}, {})

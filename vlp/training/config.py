@@ -95,8 +95,10 @@ class TrainConfig:
     #: both have. Each selected tensor must exist in both with the same shape.
     init_include: list[str] = field(default_factory=list)
     #: a step whose loss is not finite on some rank is skipped on every rank (no backward,
-    #: no update; counted as ``train/nonfinite_skipped``); this many in a row stop the run
-    #: with the last checkpoint kept. With gradient accumulation the first one stops it.
+    #: no update; counted as ``train/nonfinite_skipped``), and so is a step whose loss is
+    #: finite but whose gradients are not (no update); this many in a row stop the run
+    #: with the last checkpoint kept. With gradient accumulation the first non-finite loss
+    #: stops it (the micro-batches already reduced cannot be taken back).
     max_nonfinite_steps: int = 3
 
     def validate(self) -> None:

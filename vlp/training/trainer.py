@@ -16,6 +16,7 @@ The flow of :func:`pretrain`:
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -371,6 +372,7 @@ def pretrain(
             data_wait = 0.0
             logs_sum: dict[str, float] = {}
             engine.train()
+            skipped = None  # "loss" or "gradients": the step changed no weight
             for _ in range(accum):
                 t_data = time.perf_counter()
                 try:
@@ -386,39 +388,57 @@ def pretrain(
                 loss, logs = engine(batch)
                 if not _finite_everywhere(loss):
                     # Skipped on every rank (the check is all-reduced): no backward, no
-                    # update, the schedule still advances so that it stays a function of
-                    # the step (what an exact resume re-derives).
-                    nonfinite_total += 1
-                    nonfinite_run += 1
-                    LOG.warning(
-                        "step %d: the loss is not finite on some rank; step skipped "
-                        "(%d in a row, %d in all)",
-                        step + 1,
-                        nonfinite_run,
-                        nonfinite_total,
-                    )
-                    if accum > 1 or nonfinite_run >= cfg.train.max_nonfinite_steps:
-                        raise NonFiniteLoss(
-                            f"train.max_nonfinite_steps: the loss was not finite in "
-                            f"{nonfinite_run} step(s) in a row up to step {step + 1}"
-                            + (
-                                " (with gradient accumulation a step cannot be skipped)"
-                                if accum > 1
-                                else ""
-                            )
-                            + "; the weights were not updated by them and the last checkpoint "
-                            "is kept: lower optim.lr or check the data, then --resume auto"
-                        )
-                    if scheduler is not None:
-                        scheduler.step()
+                    # update. With accumulation the micro-batches already reduced cannot be
+                    # taken back, so the run stops below.
+                    skipped = "loss"
                     break
-                nonfinite_run = 0
                 engine.backward(loss)
-                if own_grad_norm and engine.is_gradient_accumulation_boundary():
-                    grad_norm = _grad_norm(engine.module)
-                engine.step()
                 for name, value in logs.items():
                     logs_sum[name] = logs_sum.get(name, 0.0) + float(value)
+                at_boundary = engine.is_gradient_accumulation_boundary()
+                if own_grad_norm and at_boundary:
+                    grad_norm = _grad_norm(engine.module)
+                    if not math.isfinite(grad_norm):
+                        # ZeRO-0 in fp32 is the one configuration in which DeepSpeed applies
+                        # a non-finite gradient (it clips by a NaN norm); every other one
+                        # skips the step itself (below). The gradients are already averaged
+                        # over ranks, so every rank takes this branch together.
+                        optimizer.zero_grad(set_to_none=True)
+                        skipped = "gradients"
+                        break
+                engine.step()
+                if at_boundary and not engine.was_step_applied():
+                    skipped = "gradients"  # DeepSpeed found a non-finite gradient norm
+            if skipped:
+                nonfinite_total += 1
+                nonfinite_run += 1
+                LOG.warning(
+                    "step %d: the %s not finite on some rank; step skipped "
+                    "(%d in a row, %d in all)",
+                    step + 1,
+                    "loss is" if skipped == "loss" else "gradients are",
+                    nonfinite_run,
+                    nonfinite_total,
+                )
+                cannot_skip = skipped == "loss" and accum > 1
+                if cannot_skip or nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLoss(
+                        f"train.max_nonfinite_steps: the loss or its gradients were not finite "
+                        f"in {nonfinite_run} step(s) in a row up to step {step + 1}"
+                        + (
+                            " (with gradient accumulation a step cannot be skipped)"
+                            if cannot_skip
+                            else ""
+                        )
+                        + "; the weights were not updated by them and the last checkpoint "
+                        "is kept: lower optim.lr or check the data, then --resume auto"
+                    )
+                # The schedule advances over a skipped step (DeepSpeed's own skip does not
+                # step it), so that it stays a function of the step, as resume re-derives it.
+                if scheduler is not None:
+                    scheduler.step()
+            else:
+                nonfinite_run = 0
             step += 1
             # Mean over micro-batches and ranks: what a single process would have logged.
             names = sorted(logs_sum)
