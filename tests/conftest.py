@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The test plugins (tests/plugins) are named by recipes' ``imports``: trust them for the
+# whole session, subprocesses included (``vlp.config.trusted_import``).
+os.environ["VLP_TRUSTED_IMPORTS"] = ",".join(
+    p for p in (os.environ.get("VLP_TRUSTED_IMPORTS", ""), "tests.plugins") if p
+)
 
 
 @pytest.fixture(scope="session")

@@ -191,8 +191,8 @@ def test_unknown_encoder_kind_and_import_fail_at_load(tmp_path):
     assert message.startswith(
         "model.encoders.extra: unknown encoder 'imagee'; did you mean 'image'?"
     )
-    message = _fails(tmp_path, "imports: [no_such_module_xyz]\n")
-    assert message.startswith("imports[0]: cannot import 'no_such_module_xyz'")
+    message = _fails(tmp_path, "imports: [tests.plugins.no_such_module_xyz]\n")
+    assert message.startswith("imports[0]: cannot import 'tests.plugins.no_such_module_xyz'")
 
 
 def test_the_loader_decodes_only_what_the_components_read(tmp_path):

@@ -80,3 +80,52 @@ def test_a_recipe_with_a_python_tag_is_refused_without_running_it(tmp_path):
 
     yaml.unsafe_load(recipe.read_text())
     assert marker.exists()
+
+
+def test_a_recipe_cannot_import_a_module_the_user_did_not_trust(tmp_path, monkeypatch):
+    """A recipe's ``imports`` run code: a planted module next to it (on ``sys.path``, as the
+    working directory is under ``python -m``) is refused unless ``VLP_TRUSTED_IMPORTS``
+    names it."""
+    import sys
+
+    from vlp.config import ConfigError, load_recipe
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "planted_plugin.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
+    recipe = tmp_path / "recipe.yaml"
+    debug = Path(__file__).resolve().parents[1] / "recipes" / "debug.yaml"
+    recipe.write_text(f"extends: {debug}\nimports: [planted_plugin]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("VLP_TRUSTED_IMPORTS", "tests.plugins")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    message = str(err.value)
+    assert "imports[0]: 'planted_plugin' is not a trusted import" in message
+    assert "VLP_TRUSTED_IMPORTS=planted_plugin" in message and "\n" not in message
+    assert not marker.exists() and "planted_plugin" not in sys.modules
+    # vlp's own modules are always trusted, a listed prefix covers its submodules only.
+    monkeypatch.setenv("VLP_TRUSTED_IMPORTS", "planted")  # a prefix of the name, not a package
+    with pytest.raises(ConfigError):
+        load_recipe(recipe)
+    # Trusted by the user, the same recipe imports it: the refusal is what kept it out.
+    monkeypatch.setenv("VLP_TRUSTED_IMPORTS", "tests.plugins,planted_plugin")
+    load_recipe(recipe)
+    assert marker.exists()
+    monkeypatch.delitem(sys.modules, "planted_plugin")
+
+
+def test_a_planted_feature_cache_is_not_unpickled(tmp_path):
+    """Evaluators cache features as ``.npz``; a cache holding a pickled object array (which
+    would run code when loaded with pickles allowed) is refused and recomputed."""
+    import numpy as np
+
+    from vlp.evaluation import features
+
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "features-planted.npz"
+    np.savez(planted, sidecar=np.array([_Payload(marker)], dtype=object))
+    assert features._load(planted) is None
+    assert not marker.exists()
+    with np.load(planted, allow_pickle=True) as arrays:  # what the guard prevents
+        arrays["sidecar"]
+    assert marker.exists()

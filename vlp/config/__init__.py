@@ -55,12 +55,40 @@ def _objective_specs(raw, source: str | None) -> list:
     return specs
 
 
+#: environment variable: comma-separated module prefixes a recipe's ``imports`` may name
+#: besides ``vlp`` itself (``mylab.plugins`` allows ``mylab.plugins`` and its submodules).
+TRUSTED_IMPORTS_ENV = "VLP_TRUSTED_IMPORTS"
+
+
+def trusted_import(module: str, environ=None) -> bool:
+    """Whether a recipe may import ``module``: under ``vlp`` or under a prefix the user
+    listed in ``VLP_TRUSTED_IMPORTS``. Importing runs a module's code, so a recipe from
+    someone else must not choose it alone (the same stance as Hugging Face's
+    ``trust_remote_code``); the user's environment decides."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    prefixes = ["vlp"] + [p.strip() for p in environ.get(TRUSTED_IMPORTS_ENV, "").split(",")]
+    return any(p and (module == p or module.startswith(p + ".")) for p in prefixes)
+
+
 def import_components(modules, source: str | None) -> None:
-    """Import the recipe's ``imports`` (modules that register components)."""
+    """Import the recipe's ``imports`` (modules that register components), each of them a
+    :func:`trusted_import`; an untrusted one is refused before anything is imported."""
     import importlib
 
     if not isinstance(modules, list):
         raise ConfigError(source, "imports", "expected a list of module names")
+    for i, module in enumerate(modules):
+        if not trusted_import(str(module)):
+            raise ConfigError(
+                source,
+                f"imports[{i}]",
+                f"{module!r} is not a trusted import: importing runs its code, so a recipe "
+                f"may import only vlp's modules and those under a prefix listed in "
+                f"{TRUSTED_IMPORTS_ENV} (comma-separated, e.g. "
+                f"{TRUSTED_IMPORTS_ENV}={str(module).split('.')[0]})",
+            )
     for i, module in enumerate(modules):
         try:
             importlib.import_module(str(module))

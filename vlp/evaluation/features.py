@@ -302,7 +302,17 @@ def _save(path: Path, feats: Features) -> None:
 
 
 def _load(path: Path) -> Features | None:
-    with np.load(path) as arrays:
+    """The cached features, or None when the file is of another format. Never unpickles:
+    a planted cache holding object arrays is refused (``ValueError``) and recomputed."""
+    try:
+        return _read_cache(path)
+    except (ValueError, OSError, KeyError) as err:
+        print(f"feature cache {path} not used ({err}); recomputing", file=sys.stderr)
+        return None
+
+
+def _read_cache(path: Path) -> Features | None:
+    with np.load(path, allow_pickle=False) as arrays:
         sidecar = json.loads(arrays["sidecar"].tobytes().decode("utf-8"))
         if sidecar.get("format") != CACHE_FORMAT:
             return None
