@@ -137,3 +137,24 @@ def test_two_nodes_of_one_rank_train_as_one_node_of_two_and_resume(
         "trainer_state_rank0.pt",
         "trainer_state_rank1.pt",
     ]
+
+
+def test_only_collective_errors_about_a_lost_peer_are_reworded():
+    import torch.distributed as dist
+
+    from vlp.training.trainer import is_peer_failure
+
+    def raised(err):
+        try:
+            raise err
+        except BaseException as caught:
+            return caught
+
+    # Raised by torch.distributed's own classes, saying a peer is gone: reworded.
+    assert is_peer_failure(raised(dist.DistBackendError("Connection closed by peer")))
+    assert is_peer_failure(raised(dist.DistNetworkError("Timed out waiting 18000ms for recv")))
+    # Our own code (not a torch.distributed frame), even with the same words: a bug.
+    assert not is_peer_failure(raised(RuntimeError("Connection reset by peer")))
+    # torch.distributed, but a misuse, not a lost peer.
+    assert not is_peer_failure(raised(dist.DistBackendError("Tensors must be contiguous")))
+    assert not is_peer_failure(raised(ValueError("timed out")))
