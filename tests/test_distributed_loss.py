@@ -101,6 +101,25 @@ def test_detect_env_single_torchrun_slurm():
         distributed.detect_env({"RANK": "x", "WORLD_SIZE": "2"})
 
 
+@pytest.mark.parametrize(("procid", "nodeid", "localid"), [(0, 0, 0), (1, 0, 1), (3, 1, 1)])
+def test_slurm_two_nodes_rank_is_procid_and_local_rank_is_localid(procid, nodeid, localid):
+    # srun on 2 nodes x 2 tasks: task 3 runs on the second node as its second task. The
+    # node id only says where a task runs; rank and local rank come from PROCID/LOCALID.
+    env = distributed.detect_env(
+        {
+            "SLURM_PROCID": str(procid),
+            "SLURM_NTASKS": "4",
+            "SLURM_NODEID": str(nodeid),
+            "SLURM_LOCALID": str(localid),
+            "SLURM_JOB_NUM_NODES": "2",
+            "SLURM_JOB_NODELIST": "cn[009-010]",
+            "SLURM_JOB_ID": "77",
+        }
+    )
+    assert (env.rank, env.world_size, env.local_rank) == (procid, 4, localid)
+    assert env.master_addr == "cn009"  # the first host of the expanded list, on every node
+
+
 def test_single_process_helpers():
     assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main()
     t = torch.randn(3, 2, requires_grad=True)

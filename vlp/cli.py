@@ -360,7 +360,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from vlp.config.loader import ConfigError
     from vlp.data.loader import TooManySkipped
     from vlp.training.checkpoint import CheckpointWriteError
-    from vlp.training.trainer import NonFiniteLoss
+    from vlp.training.trainer import CollectiveFailed, NonFiniteLoss
 
     return (
         UserError,
@@ -369,6 +369,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         TooManySkipped,
         NonFiniteLoss,
         CheckpointWriteError,
+        CollectiveFailed,
     )
 
 

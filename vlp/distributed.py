@@ -15,6 +15,7 @@ backward sums the incoming gradients). Slices may differ in their first dimensio
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from collections.abc import Mapping
@@ -148,11 +149,17 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
-def init_distributed(backend: str | None = None, env: DistEnv | None = None) -> DistEnv:
+def init_distributed(
+    backend: str | None = None,
+    env: DistEnv | None = None,
+    timeout: datetime.timedelta | None = None,
+) -> DistEnv:
     """Join the process group described by the environment (no-op for a single process).
 
     ``backend`` defaults to ``nccl`` when CUDA is available and ``gloo`` otherwise. The
-    CUDA device is set to the local rank before the group is created.
+    CUDA device is set to the local rank before the group is created. ``timeout`` bounds
+    every collective of the group (``train.collective_timeout_minutes``; ``None`` keeps
+    torch's default): a rank that stops answering makes the others fail, not wait forever.
     """
     env = detect_env() if env is None else env
     if not env.is_distributed or dist.is_initialized():
@@ -164,9 +171,30 @@ def init_distributed(backend: str | None = None, env: DistEnv | None = None) -> 
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     dist.init_process_group(
-        backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size
+        backend=backend,
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        **({"timeout": timeout} if timeout is not None else {}),
     )
     return env
+
+
+def bound_every_group(timeout: datetime.timedelta) -> int:
+    """Give every process group created so far the collective ``timeout``; returns how many.
+
+    ``init_process_group``'s timeout covers the world group only: a group made later with
+    ``new_group`` gets torch's default (30 minutes for gloo), and DeepSpeed makes one (a
+    clone of the world group, its data-parallel group, which reduces the gradients). Call
+    this after ``deepspeed.initialize``; a group created later keeps its own timeout.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    set_timeout = getattr(dist, "set_timeout", None) or c10d._set_pg_timeout  # older torch
+    groups = list(getattr(getattr(c10d, "_world", None), "pg_map", {}) or [dist.group.WORLD])
+    for group in groups:
+        set_timeout(timeout, group)
+    return len(groups)
 
 
 def rank() -> int:

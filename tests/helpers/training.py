@@ -48,6 +48,39 @@ def env_for(tmp_cache: Path) -> dict:
     return env
 
 
+def entry_args(
+    recipe: str,
+    run_dir: Path,
+    out: Path,
+    overrides=(),
+    resume: str | None = None,
+    synthetic: int = 0,
+) -> list[str]:
+    """The arguments of ``train_entry.py`` (its path first)."""
+    args = [ENTRY, recipe, "--run-dir", str(run_dir), "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    if resume:
+        args += ["--resume", resume]
+    if synthetic:
+        args += ["--synthetic", str(synthetic)]
+    return args
+
+
+def torchrun(ranks: int, port: int, *, nnodes: int = 1, node_rank: int = 0) -> list[str]:
+    """The torchrun command line up to the script: ``ranks`` per node, static rendezvous
+    at ``127.0.0.1:port`` (node 0's agent hosts it)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+    ]  # fmt: skip
+
+
+def _histories(out: Path, ranks: int) -> list[dict]:
+    return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(ranks)]
+
+
 def run_training(
     tmp_path: Path,
     name: str,
@@ -64,23 +97,48 @@ def run_training(
     (steps, losses) as the entry point wrote it."""
     run_dir = run_dir or tmp_path / name
     out = tmp_path / f"{name}.json"
-    args = [ENTRY, recipe, "--run-dir", str(run_dir), "--out", str(out)]
-    for item in overrides:
-        args += ["--set", item]
-    if resume:
-        args += ["--resume", resume]
-    if synthetic:
-        args += ["--synthetic", str(synthetic)]
+    args = entry_args(recipe, run_dir, out, overrides, resume, synthetic)
     if ranks == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
-        ]  # fmt: skip
+        cmd = [*torchrun(ranks, free_port()), *args]
     proc = subprocess.run(cmd, env=env_for(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(ranks)]
+    return _histories(out, ranks)
+
+
+def run_nodes(
+    tmp_path: Path,
+    name: str,
+    *,
+    nodes: int,
+    overrides: list[str] = (),
+    resume: str | None = None,
+    run_dir: Path | None = None,
+    cache: Path,
+    recipe: str = DEBUG,
+) -> list[dict]:
+    """Train as ``nodes`` torchrun launches of one rank each on this host, as separate
+    nodes would (``--nnodes``, ``--node_rank``, one static rendezvous), sharing one run
+    directory as a cluster's shared file system; each rank's history."""
+    run_dir = run_dir or tmp_path / name
+    out = tmp_path / f"{name}.json"
+    args = entry_args(recipe, run_dir, out, overrides, resume)
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [*torchrun(1, port, nnodes=nodes, node_rank=node), *args],
+            env=env_for(cache),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in range(nodes)
+    ]
+    logs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for node, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"node {node} failed:\n{log[-5000:]}"
+    return _histories(out, nodes)
 
 
 #: a recipe shrunk to seconds: tiny towers and phantom, 64 px, no augmentation.

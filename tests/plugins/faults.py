@@ -4,7 +4,11 @@ With ``VLP_TEST_KILL_IN_CHECKPOINT=N`` in the environment, the process SIGKILLs 
 while saving checkpoint ``step-N``: after DeepSpeed has written its files and before the
 trainer state and the ``COMPLETE`` marker, the moment a preempted or crashed job leaves a
 partial checkpoint behind. With ``VLP_TEST_DISK_FULL_AT_CHECKPOINT=N`` the disk fills at
-the same moment (``OSError`` ENOSPC). Without the variables it changes nothing.
+the same moment (``OSError`` ENOSPC). With ``VLP_TEST_KILL_RANK_AT_STEP=R:N`` rank R
+SIGKILLs itself at the start of the training forward of step N (1-based), the other ranks
+then waiting in that step's collectives; ``VLP_TEST_STOP_RANK_AT_STEP=R:N`` SIGSTOPs it
+there instead (a hung rank: alive, never answering). Without the variables it changes
+nothing.
 
 The objective ``nan_at_steps`` makes the loss NaN on chosen training steps,
 ``nan_grad_at_steps`` keeps the loss finite and makes its gradients NaN.
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +27,7 @@ import torch
 from vlp.objectives.base import Objective, ObjectiveOutput
 from vlp.registry import register
 from vlp.training import checkpoint
+from vlp.training.module import PretrainingModule
 
 _save = checkpoint.save
 
@@ -51,6 +58,40 @@ def _disk_full_after_deepspeed(engine) -> None:
 
 
 checkpoint.save = _save_or_die
+
+
+# ----------------------------------------------------------------- a rank dies mid-step
+
+_forward = PretrainingModule.forward
+#: printed on stderr with the Unix time just before a rank kills or stops itself.
+FAULT_AT = "VLP_TEST_FAULT_AT"
+
+
+def _target(variable: str, step: int) -> bool:
+    """Whether ``variable`` (``RANK:STEP``) names this rank and the 1-based ``step``."""
+    import torch.distributed as dist
+
+    value = os.environ.get(variable)
+    if not value:
+        return False
+    rank, at = (int(part) for part in value.split(":"))
+    return dist.is_initialized() and dist.get_rank() == rank and at == step
+
+
+def _forward_or_die(self, batch):
+    if self.training:  # the trainer sets ``step`` (0-based) before each training forward
+        for variable, sig in (
+            ("VLP_TEST_KILL_RANK_AT_STEP", signal.SIGKILL),
+            ("VLP_TEST_STOP_RANK_AT_STEP", signal.SIGSTOP),
+        ):
+            if _target(variable, self.step + 1):
+                # The moment of the fault, for the tests to time the job's exit from it.
+                print(f"{FAULT_AT} {time.time():.3f}", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), sig)
+    return _forward(self, batch)
+
+
+PretrainingModule.forward = _forward_or_die
 
 
 # ----------------------------------------------------------------- a non-finite loss

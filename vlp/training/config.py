@@ -100,8 +100,17 @@ class TrainConfig:
     #: with the last checkpoint kept. With gradient accumulation the first non-finite loss
     #: stops it (the micro-batches already reduced cannot be taken back).
     max_nonfinite_steps: int = 3
+    #: how long a rank waits in a collective (all-reduce, all-gather, barrier) for the
+    #: others before it fails; torch's own default for gloo. A rank that died fails the
+    #: collective at once; this bounds the wait for one that hangs (stopped, deadlocked).
+    #: Checkpoint writes are inside collectives too: keep it above the slowest save.
+    collective_timeout_minutes: float = 30.0
 
     def validate(self) -> None:
+        if self.collective_timeout_minutes <= 0:
+            raise ValueError(
+                f"collective_timeout_minutes must be > 0, got {self.collective_timeout_minutes}"
+            )
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.steps < 1:

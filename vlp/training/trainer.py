@@ -16,8 +16,10 @@ The flow of :func:`pretrain`:
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -33,7 +35,15 @@ PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionFlag:
-    """Set by SIGUSR1/SIGTERM; the loop checks it at step boundaries (all ranks agree)."""
+    """Set by SIGUSR1/SIGTERM; the loop checks it at step boundaries (all ranks agree).
+
+    The handler only sets the flag, so a signal never interrupts a collective. A rank
+    blocked in one when torchrun sends SIGTERM (because another rank died) runs the
+    handler only once the collective returns: at once with an error when the peer's
+    connection closed, else at ``train.collective_timeout_minutes``; the error then ends
+    the rank (:class:`CollectiveFailed`), whatever the flag. Should neither come first,
+    torchrun sends SIGKILL after its grace period (30 s), so the job cannot hang.
+    """
 
     def __init__(self):
         self.raised = False
@@ -152,6 +162,73 @@ class NonFiniteLoss(RuntimeError):
     """The loss stayed non-finite for ``train.max_nonfinite_steps`` steps in a row."""
 
 
+class CollectiveFailed(RuntimeError):
+    """A collective failed during training: another rank died or stopped answering."""
+
+
+#: what gloo and NCCL say when a peer is gone or silent (closed or reset connections,
+#: timeouts, an aborted communicator), and nothing a misuse of the API says.
+_PEER_LOST = re.compile(
+    r"connection (reset|closed|refused)|closed by peer|broken pipe|timed out|timeout"
+    r"|communicator was aborted|remote (worker|process)",
+    re.IGNORECASE,
+)
+
+
+def _raised_in_torch_distributed(err: BaseException) -> bool:
+    """Whether the innermost Python frame of ``err``'s traceback is in ``torch.distributed``
+    (a collective, or its backward inside autograd)."""
+    import torch.distributed as dist
+
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(dist.__file__)) + os.sep
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package)
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank died or hangs.
+
+    Two conditions, both needed, so that a genuine bug is never reported as a lost peer:
+    the error comes from ``torch.distributed`` (its class is ``torch.distributed.DistError``
+    — ``DistBackendError``, ``DistNetworkError``, ... — or it is a ``RuntimeError`` raised
+    in a ``torch.distributed`` frame: gloo raises a plain ``RuntimeError``), and its
+    message says the connection closed or the wait timed out (:data:`_PEER_LOST`). A wrong
+    shape passed to a collective, or any error of our own code, fails the first or the
+    second test and keeps its traceback.
+    """
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", None)
+    from_dist = (dist_error is not None and isinstance(err, dist_error)) or (
+        isinstance(err, RuntimeError) and _raised_in_torch_distributed(err)
+    )
+    return from_dist and bool(_PEER_LOST.search(str(err)))
+
+
+def _collective_failed(err: BaseException, rank: int, step: int, run_dir: Path):
+    """The one-line :class:`CollectiveFailed` for ``err``, naming the checkpoint intact."""
+    from vlp.training import checkpoint
+
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    # gloo prefixes its messages with the C++ source location: not the reader's concern.
+    first = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0].rstrip(".")
+    first = first if len(first) <= 200 else first[:197] + "..."
+    last = checkpoint.latest_checkpoint(run_dir)
+    kept = (
+        f"the last completed checkpoint {last.name} is intact and --resume auto continues from it"
+        if last is not None
+        else "no checkpoint was completed yet, so --resume auto starts afresh"
+    )
+    return CollectiveFailed(
+        f"rank {rank}: a collective failed at step {step} ({first}): another rank died or "
+        f"stopped answering; {kept}"
+    )
+
+
 def _finite_everywhere(loss) -> bool:
     """Collective: True when the loss is finite on every rank."""
     import torch
@@ -254,8 +331,11 @@ def pretrain(
             "MASTER_PORT": str(env.master_port),
         }
     )
+    # Bounds every collective's wait: a rank that hangs fails the others instead of
+    # blocking them for ever (a rank that dies fails them at once).
+    timeout = datetime.timedelta(minutes=cfg.train.collective_timeout_minutes)
     if env.is_distributed:
-        distributed.init_distributed(env=env)
+        distributed.init_distributed(env=env, timeout=timeout)
     elif not dist.is_initialized():
         # DeepSpeed always needs a process group: a single process gets a group of one.
         dist.init_process_group(
@@ -263,6 +343,7 @@ def pretrain(
             init_method=f"tcp://127.0.0.1:{_free_port()}",
             rank=0,
             world_size=1,
+            timeout=timeout,
         )
     rank, world = env.rank, env.world_size
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
@@ -299,6 +380,7 @@ def pretrain(
         config=deepspeed_config(cfg, world),
         dist_init_required=False,
     )
+    distributed.bound_every_group(timeout)  # DeepSpeed's own groups wait no longer
     device = engine.device
 
     start_step, loader_state = 0, None
@@ -366,8 +448,10 @@ def pretrain(
     nonfinite_total = nonfinite_run = 0
     limit_s = 60.0 * cfg.train.time_limit_minutes
     t_train = time.perf_counter()
+    at = step
     try:
         while step < cfg.train.steps:
+            at = step + 1  # the step being computed, as the log and the checkpoints count
             t_step = time.perf_counter()
             data_wait = 0.0
             logs_sum: dict[str, float] = {}
@@ -501,6 +585,12 @@ def pretrain(
                 if rank == 0:
                     _requeue_if_slurm()
                 break
+    except RuntimeError as err:
+        if not is_peer_failure(err):
+            raise
+        failure = _collective_failed(err, rank, at, run_dir)
+        LOG.error("%s", failure)
+        raise failure from err
     finally:
         monitor.close()
     if loader is not None and loader.stats.samples_skipped:
