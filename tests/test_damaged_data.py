@@ -5,6 +5,7 @@ above ``data.max_skipped_fraction``."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import tarfile
@@ -162,3 +163,27 @@ def test_training_shows_skipped_samples_in_tensorboard_and_stops_above_the_limit
     stopped = int(message.split("by step ")[1].split(",")[0])
     kept = [int(p.name.split("-")[1]) for p in (tmp_path / "limited" / "run").glob("step-*")]
     assert all(step < stopped for step in kept)
+
+
+def test_evaluators_count_skipped_samples_the_same_way(tmp_path, capsys):
+    """The evaluators' feature extraction reads through the same loader: a corrupt JPEG, a
+    truncated shard and their counts reach ``Features.skipped`` and one stderr line."""
+    from vlp.config import load_recipe
+    from vlp.evaluation.features import extract_features
+    from vlp.models.model import build_model
+
+    good = jpeg_bytes(study_image(0, 0, 48, 40))
+    write_shards(tmp_path, 12, [6, 6], corrupt={1: good[:100], 4: b"not a jpeg"})
+    damaged = tmp_path / "shard-000001.tar"
+    intact = _keys_in(damaged)
+    _truncate(damaged, damaged.stat().st_size // 2)
+    cfg = load_recipe(ROOT / "recipes" / "debug.yaml")
+    model_cfg = dataclasses.replace(cfg.model, encoders={"image": cfg.model.encoders["image"]})
+    model = build_model(model_cfg, 64).eval()
+    feats = extract_features(model, tmp_path)
+    corrupt = [k for k in _keys_in(tmp_path / "shard-000000.tar") if k not in feats.keys]
+    lost = [k for k in intact if k not in feats.keys]
+    assert len(corrupt) == 2 and 0 < len(lost) < len(intact)
+    assert feats.skipped == len(corrupt) + len(lost) and len(feats) == 12 - feats.skipped
+    err = capsys.readouterr().err
+    assert f"skipped {feats.skipped} of 12 samples" in err and str(damaged) in err
