@@ -81,7 +81,17 @@ def current_text(batch: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor, to
 
 def batch_to(batch: dict, device, non_blocking: bool = False) -> dict:
     """``batch`` with its tensors (those in the ``images``/``view_mask`` dicts included)
-    on ``device``; lists (keys, meta) unchanged."""
+    on ``device``; lists (keys, meta) unchanged. A batch of a ``data.decode_device: cuda``
+    loader has its ``encoded_images`` decoded into ``images`` on ``device`` here
+    (:func:`vlp.data.device_decode.decode_on_device`), so every consumer sees the same
+    contract."""
+    if "encoded_images" in batch:
+        from vlp.data.device_decode import decode_on_device  # torchvision.io only when used
+
+        rest = batch_to(
+            {k: v for k, v in batch.items() if k != "encoded_images"}, device, non_blocking
+        )
+        return decode_on_device(dict(rest, encoded_images=batch["encoded_images"]), device)
 
     def move(value):
         if isinstance(value, torch.Tensor):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from vlp.data.decode import EncodedImage
 from vlp.data.schema import BATCH_VIEWS, CHEXPERT_LABELS
 
 if TYPE_CHECKING:
@@ -62,16 +63,23 @@ def collate_studies(
         "study_id": torch.tensor([[t.study_id for t in row] for row in steps], dtype=torch.int64),
         "study_mask": torch.tensor([[t.present for t in row] for row in steps], dtype=torch.bool),
         "gap_days": torch.tensor([[t.gap_days for t in row] for row in steps], dtype=torch.float32),
-        "images": {
-            view: _stack([[t.images.get(view, zeros) for t in row] for row in steps])
-            for view in views
-        },
         "view_mask": {
             view: torch.tensor([[view in t.images for t in row] for row in steps], dtype=torch.bool)
             for view in views
         },
         "text_mask": torch.tensor([[t.text for t in row] for row in steps], dtype=torch.bool),
     }
+    if cfg.decode_device == "cuda":
+        # Decoded on the training device by batch_to (vlp.data.device_decode).
+        batch["encoded_images"] = {
+            view: _encoded([t.images.get(view) for row in steps for t in row], len(steps), cfg)
+            for view in views
+        }
+    else:
+        batch["images"] = {
+            view: _stack([[t.images.get(view, zeros) for t in row] for row in steps])
+            for view in views
+        }
     if tokenizer is not None:
         _add_text(batch, [t for row in steps for t in row], tokenizer, cfg)
     unknown = [math.nan] * len(CHEXPERT_LABELS)
@@ -86,6 +94,45 @@ def collate_studies(
     )
     batch["meta"] = [s.meta for s in studies]
     return batch
+
+
+def _encoded(images: list, batch_size: int, cfg: LoaderConfig) -> dict[str, Any]:
+    """One view's images over the flat rows ``b·T + t`` → the ``encoded_images`` entry of
+    docs/architecture.md: the JPEG files packed in one buffer (one tensor crosses from
+    the worker process instead of one per image) with each row's crop box and affine
+    draw; images the worker had to decode itself (not a JPEG nvJPEG takes) ride along
+    decoded, with their rows."""
+    rows = len(images)
+    lengths = [len(i.data) if isinstance(i, EncodedImage) else 0 for i in images]
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = np.empty(int(offsets[-1]), dtype=np.uint8)
+    box = np.zeros((rows, 4), dtype=np.float64)
+    affine = np.zeros((rows, 4), dtype=np.float64)
+    affine[:, 3] = 1.0  # the identity: no rotation, shift or zoom
+    decoded, decoded_rows = [], []
+    for row, image in enumerate(images):
+        if isinstance(image, EncodedImage):
+            data[offsets[row] : offsets[row + 1]] = image.data.numpy()
+            box[row] = image.box
+            if image.affine is not None:
+                affine[row] = image.affine
+        elif image is not None:
+            decoded.append(image)
+            decoded_rows.append(row)
+    size = cfg.image_size
+    steps = rows // batch_size
+    entry: dict[str, Any] = {
+        "data": torch.from_numpy(data),
+        "offsets": torch.from_numpy(offsets),
+        "box": torch.from_numpy(box.reshape(batch_size, steps, 4)),
+        "decoded": _stack(decoded) if decoded else torch.zeros(0, 1, size, size, dtype=torch.uint8),
+        "decoded_rows": torch.tensor(decoded_rows, dtype=torch.int64),
+        "size": size,
+    }
+    if cfg.augment.affine:
+        entry["affine"] = torch.from_numpy(affine.reshape(batch_size, steps, 4))
+    return entry
 
 
 def labels_kept(study_id: int, fraction: float, seed: int) -> bool:

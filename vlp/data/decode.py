@@ -48,7 +48,14 @@ from PIL import Image
 from vlp.data import schema
 from vlp.data.reports import split_sentences
 from vlp.data.requirements import Requirements, beyond_generic
-from vlp.data.transforms import AugmentConfig, crop_box, min_decode_side, random_affine
+from vlp.data.transforms import (
+    AffineParams,
+    AugmentConfig,
+    affine_params,
+    crop_box,
+    min_decode_side,
+    random_affine,
+)
 
 if TYPE_CHECKING:
     from vlp.data.loader import LoaderConfig
@@ -135,6 +142,61 @@ def decode_radiograph(
     return image, draft_scale
 
 
+#: JPEG colour modes the device decoder turns into grey levels as PIL's draft("L") does (the
+#: luma channel); other modes (CMYK) and formats are decoded in the loader worker.
+DEVICE_JPEG_MODES = ("L", "RGB")
+
+
+@dataclass
+class EncodedImage:
+    """A view left encoded for decoding on the training device (``data.decode_device:
+    cuda``), with what the CPU path would have decided for it in the worker."""
+
+    data: torch.Tensor  # the JPEG file, uint8 1-D
+    #: the crop (left, top, right, bottom) in full-resolution pixels of the stored image.
+    box: tuple[float, float, float, float]
+    affine: AffineParams | None  # the random affine's draw, None without one
+
+
+def plan_radiograph(
+    data: bytes,
+    out_size: int,
+    augment: AugmentConfig | None = None,
+    rng: random.Random | None = None,
+    max_upscale: float = 1.0,
+    formats: tuple[str, ...] = ("JPEG",),
+) -> EncodedImage | None:
+    """What :func:`decode_radiograph` would do to a JPEG, decided from its header alone.
+
+    The crop box is drawn from ``rng`` on the image size PIL's draft mode would decode
+    (read from the header; nothing is decoded), then scaled to the stored resolution, and
+    the affine is drawn after it: the same draws in the same order as the CPU path, so a
+    sample's augmentation does not depend on where it is decoded. None (and ``rng``
+    untouched) for what the device decoder does not take: another of ``formats`` than
+    JPEG, or a colour mode outside :data:`DEVICE_JPEG_MODES`; the caller decodes those with
+    :func:`decode_radiograph`. A file PIL cannot open as one of ``formats`` is a
+    :class:`SampleError`, as on the CPU path; one whose header opens but whose data is
+    damaged is only found when it is decoded (:mod:`vlp.data.device_decode`).
+    """
+    augment = augment or AugmentConfig()
+    rng = rng or random.Random(0)
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as img:
+            if img.format != "JPEG" or img.mode not in DEVICE_JPEG_MODES:
+                return None
+            width, height = img.size
+            img.draft("L", (math.ceil(min_decode_side(out_size, augment) / max_upscale),) * 2)
+            drafted = img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        kind = "/".join(formats)
+        raise SampleError(f"cannot decode {kind}: {type(exc).__name__}: {exc}", "image") from exc
+    left, top, right, bottom = crop_box(drafted[0], drafted[1], augment, rng)
+    sx, sy = width / drafted[0], height / drafted[1]
+    box = (left * sx, top * sy, right * sx, bottom * sy)
+    params = affine_params(out_size, out_size, augment, rng) if augment.affine else None
+    return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, params)
+
+
 def _numeric_id(value) -> int | None:
     """The digits of an id (``"50000012"``, ``"s50000012"``, 50000012) as an int, or None."""
     digits = re.sub(r"\D", "", str(value)) if value is not None else ""
@@ -179,7 +241,8 @@ class _Step:
     present: bool
     study_id: int  # -1 when absent
     gap_days: float  # days before the current study (0 for it and for absent priors)
-    images: dict[str, torch.Tensor]  # the decoded views this study has
+    #: the views this study has: decoded, or left encoded for the device (EncodedImage)
+    images: dict[str, torch.Tensor | EncodedImage]
     report: str
     sentences: list[str]
     #: this step's text was decoded (the current one always; priors with data.prior_text).
@@ -270,8 +333,20 @@ class StudyDecoder:
         rng: random.Random,
         out: _Decoded,
         formats: tuple[str, ...] = ("JPEG",),
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | EncodedImage:
         try:
+            if self.cfg.decode_device == "cuda":
+                planned = plan_radiograph(
+                    raw[member],
+                    self.cfg.image_size,
+                    self.cfg.augment,
+                    rng,
+                    self.cfg.draft_max_upscale,
+                    formats,
+                )
+                if planned is not None:
+                    out.images += 1
+                    return planned
             image, scale = decode_radiograph(
                 raw[member],
                 self.cfg.image_size,

@@ -39,6 +39,7 @@ with the right one. The state is a small dict of plain types.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -70,6 +71,12 @@ DAMAGED = "damaged_shard"
 #: How many skipped samples are kept by name in :class:`LoaderStats` (the count is exact).
 MAX_SKIPPED_LISTED = 1000
 _SENTENCE_SAMPLING = ("first", "random")
+#: values of ``data.decode_device``.
+DECODE_DEVICES = ("cpu", "cuda")
+#: the warning of a ``data.decode_device: cuda`` loader built where CUDA is not available.
+NO_CUDA_DECODE = (
+    "data.decode_device=cuda: no CUDA device here; decoding JPEGs on the CPU in the loader workers"
+)
 
 
 @dataclass
@@ -126,6 +133,11 @@ class LoaderConfig:
     skip_check_after: int = 500
     prefetch_factor: int = 2
     pin_memory: bool = False
+    #: where JPEG views are decoded: ``cpu`` in the loader workers (PIL draft mode), or
+    #: ``cuda`` on the training GPU (nvJPEG, batched; :mod:`vlp.data.device_decode`): the
+    #: workers then only read headers and draw the crop and affine, and ``batch_to``
+    #: decodes. Without a CUDA device ``cuda`` falls back to ``cpu`` with one warning.
+    decode_device: str = "cpu"
 
     def validate(self) -> None:
         problems = []
@@ -164,6 +176,10 @@ class LoaderConfig:
             problems.append(f"draft_max_upscale must be >= 1, got {self.draft_max_upscale}")
         if self.max_sentences < 1 or self.max_text_length < 2 or self.max_sentence_length < 2:
             problems.append("max_sentences must be >= 1 and max_*_length >= 2")
+        if self.decode_device not in DECODE_DEVICES:
+            problems.append(
+                f"decode_device must be one of {list(DECODE_DEVICES)}, got {self.decode_device!r}"
+            )
         if self.sentence_sampling not in _SENTENCE_SAMPLING:
             problems.append(
                 f"sentence_sampling must be one of {_SENTENCE_SAMPLING}, got {self.sentence_sampling!r}"
@@ -389,6 +405,15 @@ class LoaderStats:
         return sorted(self.skipped_by_shard.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
+def _decode_fallback(cfg: LoaderConfig) -> LoaderConfig:
+    """``cfg`` with ``decode_device`` ``cpu`` (and one warning) when it asks for ``cuda``
+    on a machine without CUDA, so that a GPU recipe still runs (CI, laptops)."""
+    if cfg.decode_device == "cuda" and not torch.cuda.is_available():
+        log.warning(NO_CUDA_DECODE)
+        return dataclasses.replace(cfg, decode_device="cpu")
+    return cfg
+
+
 def _as_is(item: dict) -> dict:
     return item
 
@@ -419,7 +444,7 @@ class VLPLoader:
         cfg.validate()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.cfg = cfg
+        self.cfg = _decode_fallback(cfg)
         self.tokenizer = tokenizer
         self.shards = shards
         self.rank, self.world_size, self.split = rank, world_size, split

@@ -138,27 +138,49 @@ def min_decode_side(out_size: int, cfg: AugmentConfig) -> int:
     return out_size
 
 
-def random_affine(image: torch.Tensor, cfg: AugmentConfig, rng: random.Random) -> torch.Tensor:
-    """Random rotation/translation/scale of a uint8 1×H×W image, zero fill, bilinear.
+#: one draw of :func:`random_affine`: angle (degrees), shift (dx, dy in pixels), zoom.
+AffineParams = tuple[float, int, int, float]
 
-    Parameters are drawn like torchvision's ``RandomAffine``: angle uniform in ±degrees,
-    translation uniform in ±translate·size (rounded to pixels), scale uniform in range.
+
+def affine_params(height: int, width: int, cfg: AugmentConfig, rng: random.Random) -> AffineParams:
+    """Draw the parameters of :func:`random_affine` for an ``height``×``width`` image.
+
+    Drawn like torchvision's ``RandomAffine``: angle uniform in ±degrees, translation
+    uniform in ±translate·size (rounded to pixels), scale uniform in range. Separate from
+    the warp so that the loader workers can draw them for an image that is decoded later on
+    the GPU (``data.decode_device: cuda``) from the same random stream.
     """
+    angle = rng.uniform(-cfg.degrees, cfg.degrees)
+    max_dx, max_dy = cfg.translate * width, cfg.translate * height
+    shift_x, shift_y = round(rng.uniform(-max_dx, max_dx)), round(rng.uniform(-max_dy, max_dy))
+    zoom = rng.uniform(cfg.scale[0], cfg.scale[1])
+    return angle, shift_x, shift_y, zoom
+
+
+def apply_affine(image: torch.Tensor, params: AffineParams) -> torch.Tensor:
+    """Warp a uint8 C×H×W image (on any device) by ``params``: zero fill, bilinear."""
+    if image.dtype != torch.uint8 or image.ndim != 3:
+        raise ValueError(
+            f"random_affine expects a uint8 C×H×W tensor, got {image.dtype} {tuple(image.shape)}"
+        )
+    angle, shift_x, shift_y, zoom = params
+    return TF.affine(
+        image,
+        angle=float(angle),
+        translate=[int(shift_x), int(shift_y)],
+        scale=float(zoom),
+        shear=[0.0, 0.0],
+        interpolation=InterpolationMode.BILINEAR,
+        fill=0,
+    )
+
+
+def random_affine(image: torch.Tensor, cfg: AugmentConfig, rng: random.Random) -> torch.Tensor:
+    """Random rotation/translation/scale of a uint8 1×H×W image, zero fill, bilinear
+    (:func:`affine_params` drawn from ``rng``, then :func:`apply_affine`)."""
     if image.dtype != torch.uint8 or image.ndim != 3:
         raise ValueError(
             f"random_affine expects a uint8 C×H×W tensor, got {image.dtype} {tuple(image.shape)}"
         )
     height, width = image.shape[-2:]
-    angle = rng.uniform(-cfg.degrees, cfg.degrees)
-    max_dx, max_dy = cfg.translate * width, cfg.translate * height
-    shift = [round(rng.uniform(-max_dx, max_dx)), round(rng.uniform(-max_dy, max_dy))]
-    zoom = rng.uniform(cfg.scale[0], cfg.scale[1])
-    return TF.affine(
-        image,
-        angle=angle,
-        translate=shift,
-        scale=zoom,
-        shear=[0.0, 0.0],
-        interpolation=InterpolationMode.BILINEAR,
-        fill=0,
-    )
+    return apply_affine(image, affine_params(height, width, cfg, rng))
