@@ -148,3 +148,33 @@ def test_decode_device_is_selected_in_a_recipe_and_validated():
         ConfigError, match=r"decode_device must be one of \['cpu', 'cuda'\], got 'gpu'"
     ):
         load_recipe("recipes/clip.yaml", ["data.decode_device=gpu"])
+
+
+def test_a_jpeg_whose_data_does_not_decode_is_left_out_on_the_device(tmp_path, monkeypatch, caplog):
+    """The worker reads only the header, so a file cut after it reaches the device: that
+    view becomes zeros, its mask is cleared and one warning says so; the other samples
+    decode as on the CPU path (where the cut sample is skipped in the worker)."""
+    from tests.test_loader import study_image
+
+    good = jpeg_bytes(study_image(0, 0, 200, 160))  # half of it is well past the header
+    write_shards(tmp_path, 4, [4], image_hw=(200, 160), corrupt={1: good[: len(good) // 2]})
+    cpu = batches(tmp_path, monkeypatch, cuda=False, workers=0, batch_size=4, drop_last=False)
+    encoded = batches(
+        tmp_path,
+        monkeypatch,
+        cuda=True,
+        decode_device="cuda",
+        workers=0,
+        batch_size=4,
+        drop_last=False,
+    )
+    assert len(cpu[0]["keys"]) == 3 and len(encoded[0]["keys"]) == 4  # skipped vs kept
+    with caplog.at_level(logging.WARNING, logger="vlp"):
+        device = batch_to(encoded[0], "cpu")
+    cut = device["keys"].index(next(k for k in device["keys"] if k not in cpu[0]["keys"]))
+    assert not device["view_mask"]["frontal"][cut, 0]
+    assert not device["images"]["frontal"][cut].any()
+    assert sum("does not decode" in r.getMessage() for r in caplog.records) == 1
+    kept = [device["keys"].index(k) for k in cpu[0]["keys"]]
+    diff = device["images"]["frontal"][kept].float() - cpu[0]["images"]["frontal"].float()
+    assert diff.abs().mean() < 1.0
