@@ -55,6 +55,7 @@ def run_training(
     ranks: int = 1,
     overrides: list[str] = (),
     resume: str | None = None,
+    reshard: bool = False,
     synthetic: int = 0,
     run_dir: Path | None = None,
     cache: Path,
@@ -69,6 +70,8 @@ def run_training(
         args += ["--set", item]
     if resume:
         args += ["--resume", resume]
+    if reshard:
+        args.append("--reshard")
     if synthetic:
         args += ["--synthetic", str(synthetic)]
     if ranks == 1:
