@@ -2,7 +2,7 @@
 checkpoint leaves a partial ``step-N/`` that ``--resume auto`` never picks, and the resumed
 run continues exactly from the last complete checkpoint; a full disk, non-finite losses; a
 checkpoint resumed on another number of ranks (refused, or continued with ``--reshard``
-and compared with an uninterrupted single process)."""
+and compared with an uninterrupted single process); ranks that see different shards."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers.training import DEBUG, ENTRY, SMALL, env_for, run_training
+from tests.helpers.training import DEBUG, ENTRY, SMALL, env_for, free_port, run_training
 from tests.test_trainer import NO_BN
 
 FAULTS = "imports=[tests.plugins.faults]"
@@ -226,3 +226,36 @@ def test_zero3_checkpoints_on_another_world_size_are_refused_even_with_reshard(
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "under ZeRO-3 and this job has 1: resume it with 2 rank(s)" in lines[0]
+
+
+# ------------------------------------------------------ shard lists that differ by rank
+
+
+def test_ranks_that_resolve_different_shard_lists_stop_in_one_line(tmp_path, phantom_cache):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(4):  # never read: the check comes before any loader
+        (shards / f"shard-{i:03d}.tar").write_bytes(b"")
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        f"--log-dir={logs}", "--redirects=3", "-m", "vlp.cli",
+        "pretrain", DEBUG, "--run-dir", str(run_dir),
+        "--set", "imports=[tests.plugins.shard_view]", "--set", f"data.shards={shards}",
+    ]  # fmt: skip
+    env = dict(env_for(phantom_cache), VLP_TEST_HIDE_LAST_SHARD_ON_RANK="1")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    stderr = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    assert sorted(stderr) == [0, 1], (proc.stderr[-3000:], list(logs.rglob("*")))
+    for rank, text in stderr.items():
+        # torch warns once at import under torchrun (no CUDA runtime); vlp's is one line.
+        errors = [line for line in text.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "Traceback" not in text, (rank, text)
+        assert errors[0].startswith("vlp pretrain: error: "), errors
+        assert "data.shards: the ranks resolved" in errors[0]
+        assert "rank 0: 4 shard(s); rank 1: 3 shard(s)" in errors[0]
+        assert f"rank 0 has {shards / 'shard-003.tar'}, rank 1 has (none)" in errors[0]
+    assert "exitcode  : 2" in proc.stderr  # torchrun's summary: every rank exited with 2
+    assert not run_dir.exists()  # before the run directory, the model and DeepSpeed

@@ -135,6 +135,52 @@ def check_shards_exist(cfg: RecipeConfig, source: str | None) -> None:
         raise ConfigError(source, "data.shards", str(err)) from None
 
 
+def check_same_shards(cfg: RecipeConfig, source: str | None) -> None:
+    """Collective: every rank resolves ``data.shards`` itself, and all must get the same
+    list, in the same order (the loader deals it to ranks by position), or samples would
+    be read twice or never. A glob or folder resolved on node-local disks that differ is
+    the usual cause. Each rank's (count, sha256 of the list) is all-gathered; on a
+    difference every rank raises one ``ConfigError`` line naming the ranks, their counts
+    and the first differing shard, before the model or DeepSpeed is built."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    from vlp.config.loader import ConfigError
+    from vlp.data import shards
+
+    if not cfg.data.shards or dist.get_world_size() == 1:
+        return  # the phantom's shards are built by one code path from the recipe alone
+    urls = [shard.url for shard in shards.resolve_shards(cfg.data.shards, "train")]
+    digest = hashlib.sha256("\n".join(urls).encode()).hexdigest()
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (len(urls), digest))
+    if len(set(views)) == 1:
+        return
+    lists: list = [None] * dist.get_world_size()
+    dist.all_gather_object(lists, urls)  # only on a mismatch: find the first difference
+    groups: dict = {}
+    for r, view in enumerate(views):
+        groups.setdefault(view, []).append(r)
+    seen = "; ".join(
+        f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}: {count} shard(s)"
+        for (count, _), ranks in groups.items()
+    )
+    first, other = lists[0], next(lst for lst in lists if lst != lists[0])
+    other_rank = lists.index(other)
+    at = next((i for i, (a, b) in enumerate(zip(first, other)) if a != b), None)
+    at = min(len(first), len(other)) if at is None else at
+    shown = [lst[at] if at < len(lst) else "(none)" for lst in (first, other)]
+    raise ConfigError(
+        source,
+        "data.shards",
+        f"the ranks resolved {cfg.data.shards} to different shard lists ({seen}); first "
+        f"difference at shard {at}: rank 0 has {shown[0]}, rank {other_rank} has {shown[1]}. "
+        "Every rank must see the same shards in the same order (a shared file system, or "
+        "a manifest.json, not a folder on node-local disks that differ)",
+    )
+
+
 def check_init_from(cfg: RecipeConfig, source: str | None) -> None:
     """``train.init_from`` must name an export before anything heavy starts."""
     from vlp.config.loader import ConfigError
@@ -307,6 +353,8 @@ def pretrain(
             world_size=1,
         )
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    if batch_source is None:
+        check_same_shards(cfg, None if isinstance(recipe, RecipeConfig) else str(recipe))
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
