@@ -22,10 +22,11 @@ that continues (``--reshard``). With ``--reshard``, :func:`to_universal` convert
 folder's ZeRO partitions once into DeepSpeed's universal checkpoint
 (``step-N/universal/``, by ``deepspeed.checkpoint.ds_to_universal``), which an engine
 configured with ``"checkpoint": {"load_universal": true}`` loads at any world size;
-without ZeRO partitions (stage 0) DeepSpeed's files already fit any world size. ZeRO-1
-and 2 resume exactly this way (``tests/test_faults.py``); ZeRO-3 is refused (see
-:func:`check_world_size`). The loader and RNG states cannot follow (see
-:func:`load_resharded` and ``VLPLoader.restart_resharded``).
+without ZeRO partitions (stage 0) DeepSpeed's files already fit any world size. ZeRO-0,
+2 and 3 in fp32 resume exactly this way (``tests/test_faults.py``; ZeRO-1 shares ZeRO-2's
+code, bf16 is untested), with three DeepSpeed 0.19.8 problems worked around in
+:func:`load_resharded`. The loader and RNG states cannot
+follow (see :func:`load_resharded` and ``VLPLoader.restart_resharded``).
 """
 
 from __future__ import annotations
@@ -189,14 +190,6 @@ def check_world_size(folder: Path, world_size: int, reshard: bool, command: str)
     saved = saved_world_size(folder)
     if saved == world_size:
         return False
-    if any(folder.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")):  # ZeRO-3's layout
-        raise WorldSizeChanged(
-            f"checkpoint {folder} was written by {saved} rank(s) under ZeRO-3 and this job "
-            f"has {world_size}: resume it with {saved} rank(s). --reshard refuses ZeRO-3: "
-            "DeepSpeed 0.19.8's universal load restores its weights but not the optimizer "
-            "exactly (every parameter group gets the first group's settings, and the next "
-            "update still differs after vlp restores them)"
-        )
     if not reshard:
         raise WorldSizeChanged(
             f"checkpoint {folder} was written by {saved} rank(s) and this job has "
@@ -303,7 +296,7 @@ def load_resharded(engine, folder: str | Path) -> dict:
     # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the
     # hyperparameters of the first saved group (a no-decay group then decays): the
     # recipe's own (weight decay, betas, names; the trainer re-derives the learning
-    # rate) are put back after the load.
+    # rate) are put back after the load, whatever the stage.
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     if (folder / UNIVERSAL / COMPLETE).is_file():
         with _stand_ins_for_padding_partitions(engine.optimizer):
@@ -314,6 +307,13 @@ def load_resharded(engine, folder: str | Path) -> dict:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {folder}")
     for group, kept in zip(engine.optimizer.param_groups, hyper):
         group.update(kept)
+    # ZeRO-3's universal load gives every parameter group one and the same ``step``
+    # tensor, which each group's Adam step then increments in place: one step counted
+    # once per group. Each group gets its own copy.
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
     files = sorted(
         (int(m.group(1)), f)
         for f in folder.iterdir()
