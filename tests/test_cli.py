@@ -84,6 +84,67 @@ def test_missing_shards_fail_in_one_line_before_anything_starts(tmp_path):
         assert not run_dir.exists()  # no process group, no run directory, nothing written
 
 
+# Each bad input of issue 16's checklist: (overrides, the key or text the one line names).
+BAD_INPUTS = {
+    "unknown-objective": (
+        ["objectives=[{name: local_mii}]"],
+        "objectives[0].name: unknown objective 'local_mii'; did you mean 'local_mi'?",
+    ),
+    # Every image encoder yields local tokens; a local objective without an image
+    # encoder is what remains impossible.
+    "local-objective-without-image-encoder": (
+        ["model.encoders.image=null"],
+        "objectives[0]: objective 'local_mi' needs the feature(s) ['image_local']",
+    ),
+    "image-sizes-disagree": (
+        [
+            "model.encoders.image.tower.name=vit_tiny_patch16_224",
+            "model.encoders.image.tower.params={img_size: 96}",
+        ],
+        "model.encoders.image.tower.params.img_size: 96 disagrees with data.image_size (64)",
+    ),
+    # The global batch is data.batch_size (per rank) x accumulation x ranks by
+    # construction; a DeepSpeed batch key in deepspeed.extra could only contradict it.
+    "batch-size-in-deepspeed-extra": (
+        ["deepspeed.extra={train_batch_size: 7}"],
+        "deepspeed: extra.train_batch_size: vlp sets DeepSpeed's batch keys itself",
+    ),
+    "empty-shard-manifest": (
+        ["data.shards=EMPTY"],
+        "data.shards: EMPTY: manifest lists no shards",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_in_one_line_before_anything_starts(tmp_path, case):
+    from vlp.data.schema import SCHEMA_VERSION
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"shards": [], "total": 0, "schema_version": SCHEMA_VERSION}))
+    overrides, expected = BAD_INPUTS[case]
+    run_dir = tmp_path / "run"
+    args = ["pretrain", str(ROOT / "recipes" / "debug.yaml"), "--run-dir", str(run_dir)]
+    for item in overrides:
+        args += ["--set", item.replace("EMPTY", str(empty))]
+    proc = vlp(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("vlp pretrain: error: ")
+    assert expected.replace("EMPTY", str(empty)) in lines[0], lines[0]
+    assert not run_dir.exists()  # no process group, no run directory, nothing written
+
+
+def test_vlp_debug_shows_the_traceback_of_a_bad_input(tmp_path):
+    overrides, expected = BAD_INPUTS["unknown-objective"]
+    args = ["pretrain", str(ROOT / "recipes" / "debug.yaml"), "--run-dir", str(tmp_path / "r")]
+    proc = vlp(*args, "--set", overrides[0], env=dict(os.environ, VLP_DEBUG="1"))
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "vlp.config.loader.ConfigError: " in proc.stderr and expected in proc.stderr
+
+
 def readme_examples() -> list[tuple[str, str]]:
     """(name, command) of every ``<!-- example: NAME -->`` code block in the README, in order."""
     text = (ROOT / "README.md").read_text()

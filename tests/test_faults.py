@@ -1,17 +1,21 @@
 """Faults during training, injected for real: a process SIGKILLed while writing a
 checkpoint leaves a partial ``step-N/`` that ``--resume auto`` never picks, and the resumed
-run continues exactly from the last complete checkpoint."""
+run continues exactly from the last complete checkpoint; a full disk, non-finite losses; a
+checkpoint resumed on another number of ranks (refused, or continued with ``--reshard``
+and compared with an uninterrupted single process); ranks that see different shards."""
 
 from __future__ import annotations
 
 import math
+import shlex
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers.training import DEBUG, ENTRY, SMALL, env_for, run_training
+from tests.helpers.training import DEBUG, ENTRY, SMALL, env_for, free_port, run_training
+from tests.test_trainer import NO_BN
 
 FAULTS = "imports=[tests.plugins.faults]"
 
@@ -174,3 +178,115 @@ def test_non_finite_gradients_in_a_row_stop_the_run_in_one_line(tmp_path, phanto
     assert "train.max_nonfinite_steps" in last and "2 step(s) in a row up to step 4" in last
     assert "gradients are not finite" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "run" / "step-2" / "COMPLETE").is_file()
+
+
+# ------------------------------------------------------------- another world size
+# The model of tests/test_trainer.py without batch norm or dropout, on the synthetic global
+# batches (the same rows at any world size): 1 process and N ranks compute the same losses.
+RESHARD = [*NO_BN, "checkpoint.every=2", "train.log_every=1"]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "stage"),
+    [(2, 1, 2), (1, 2, 2), (2, 1, 3), (1, 2, 3), (2, 1, 0)],
+    ids=["2to1-zero2", "1to2-zero2", "2to1-zero3", "1to2-zero3", "2to1-zero0"],
+)
+def test_reshard_resumes_a_checkpoint_on_another_world_size_exactly(
+    tmp_path, phantom_cache, before, after, stage
+):
+    overrides = [*RESHARD, f"deepspeed.zero_stage={stage}"]
+    kw = dict(synthetic=8, cache=phantom_cache)
+    # The reference: one process, never interrupted, on the same global batches.
+    full = run_training(tmp_path, "full", overrides=[*overrides, "train.steps=4"], **kw)[0]
+    run_dir = tmp_path / "run"
+    first = run_training(
+        tmp_path, "first", ranks=before, overrides=[*overrides, "train.steps=2"],
+        run_dir=run_dir, **kw,
+    )  # fmt: skip
+    second = run_training(
+        tmp_path, "second", ranks=after, overrides=[*overrides, "train.steps=4"],
+        run_dir=run_dir, resume="auto", reshard=True, **kw,
+    )  # fmt: skip
+    assert first[0]["losses"] == pytest.approx(full["losses"][:2], abs=1e-5)
+    for history in second:
+        # Step 3 reads the loaded weights; step 4 the weights updated with the loaded
+        # Adam moments, step count and learning rate.
+        assert history["steps"] == [3, 4]
+        assert history["losses"] == pytest.approx(full["losses"][2:], abs=1e-5)
+    assert abs(full["losses"][3] - full["losses"][2]) > 1e-3, "training did not move"
+    assert (run_dir / "step-2" / "universal" / "COMPLETE").is_file() == (stage > 0)
+    log = (run_dir / "log.txt").read_text()
+    assert f"was written by {before} rank(s), this job has {after}" in log
+    assert (run_dir / "latest").read_text() == "step-4"
+
+
+def test_another_world_size_without_reshard_is_refused_in_one_line_naming_the_command(
+    tmp_path, phantom_cache
+):
+    sets = [*RESHARD, "deepspeed.zero_stage=2"]
+    run_dir = tmp_path / "run"
+    run_training(
+        tmp_path, "two", ranks=2, overrides=[*sets, "train.steps=2"], synthetic=8,
+        run_dir=run_dir, cache=phantom_cache,
+    )  # fmt: skip
+    log_before = (run_dir / "log.txt").read_text()
+    args = ["pretrain", DEBUG, "--run-dir", str(run_dir), "--resume", "auto"]
+    for item in [*sets, "train.steps=3"]:
+        args += ["--set", item]
+    env = env_for(phantom_cache)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlp.cli", *args], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("vlp pretrain: error: ")
+    assert (
+        f"checkpoint {run_dir / 'step-2'} was written by 2 rank(s) and this job has 1" in lines[0]
+    )
+    command = lines[0].split("with: ", 1)[1]
+    assert shlex.split(command) == ["vlp", *args, "--reshard"]
+    # Refused before anything started: no process group, no log line, nothing converted.
+    assert (run_dir / "log.txt").read_text() == log_before
+    assert not (run_dir / "step-2" / "universal").exists()
+    # The command it names continues the run (on the phantom shards; 1 step).
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlp.cli", *shlex.split(command)[1:]], env=env,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "latest").read_text() == "step-3"
+
+
+# ------------------------------------------------------ shard lists that differ by rank
+
+
+def test_ranks_that_resolve_different_shard_lists_stop_in_one_line(tmp_path, phantom_cache):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(4):  # never read: the check comes before any loader
+        (shards / f"shard-{i:03d}.tar").write_bytes(b"")
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        f"--log-dir={logs}", "--redirects=3", "-m", "vlp.cli",
+        "pretrain", DEBUG, "--run-dir", str(run_dir),
+        "--set", "imports=[tests.plugins.shard_view]", "--set", f"data.shards={shards}",
+    ]  # fmt: skip
+    env = dict(env_for(phantom_cache), VLP_TEST_HIDE_LAST_SHARD_ON_RANK="1")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    stderr = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    assert sorted(stderr) == [0, 1], (proc.stderr[-3000:], list(logs.rglob("*")))
+    for rank, text in stderr.items():
+        # torch warns once at import under torchrun (no CUDA runtime); vlp's is one line.
+        errors = [line for line in text.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "Traceback" not in text, (rank, text)
+        assert errors[0].startswith("vlp pretrain: error: "), errors
+        assert "data.shards: the ranks resolved" in errors[0]
+        assert "rank 0: 4 shard(s); rank 1: 3 shard(s)" in errors[0]
+        assert f"rank 0 has {shards / 'shard-003.tar'}, rank 1 has (none)" in errors[0]
+    assert "exitcode  : 2" in proc.stderr  # torchrun's summary: every rank exited with 2
+    assert not run_dir.exists()  # before the run directory, the model and DeepSpeed

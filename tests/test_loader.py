@@ -300,6 +300,34 @@ def test_resume_equals_uninterrupted_run_two_ranks(tmp_path, tokenizer, resample
         assert_same_batches(reference, head + run_epochs(resumed, 2))
 
 
+def test_a_resharded_resume_restarts_the_saved_epoch_with_the_counters_summed(tmp_path, tokenizer):
+    # Two ranks read epoch 0 (one corrupt sample) and one batch of epoch 1, then one rank
+    # continues from their states: another world size cannot continue their positions.
+    write_shards(tmp_path, 20, [5, 5, 5, 5], corrupt={3: b"not a jpeg"})
+    cfg = config(tmp_path)
+    states, yielded, skipped = [], 0, 0
+    for rank in range(2):
+        loader = build_loader(cfg, tokenizer, rank=rank, world_size=2)
+        list(loader)
+        next(iter(loader))
+        states.append(json.loads(json.dumps(loader.state_dict())))
+        yielded += loader.stats.samples_yielded
+        skipped += loader.stats.samples_skipped
+    assert skipped >= 1  # epoch 0 read the corrupt sample
+    one = build_loader(cfg, tokenizer)
+    one.restart_resharded(states)
+    assert one.epoch == 1
+    fresh = build_loader(cfg, tokenizer)  # what one rank reads in epoch 1 from its start
+    fresh.set_epoch(1)
+    assert epoch_keys(one) == epoch_keys(fresh)
+    assert one.stats.samples_yielded == yielded + fresh.stats.samples_yielded
+    assert one.stats.samples_skipped == skipped + fresh.stats.samples_skipped
+    assert one.stats.skipped_by_reason == {"image": one.stats.samples_skipped}
+    other = build_loader(cfg, tokenizer, rank=1, world_size=3)
+    other.restart_resharded(states)
+    assert other.epoch == 1 and other.stats.samples_seen == 0  # rank 0 carries the totals
+
+
 def test_resume_refuses_a_changed_setup(tmp_path, tokenizer):
     write_shards(tmp_path, 8, [4, 4])
     state = build_loader(config(tmp_path), tokenizer).state_dict()

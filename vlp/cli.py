@@ -41,7 +41,13 @@ class _Parser(argparse.ArgumentParser):
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vlp.training.trainer import pretrain
 
-    pretrain(args.recipe, overrides=args.set, run_dir=args.run_dir, resume=args.resume)
+    pretrain(
+        args.recipe,
+        overrides=args.set,
+        run_dir=args.run_dir,
+        resume=args.resume,
+        reshard=args.reshard,
+    )
     return 0
 
 
@@ -224,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="'auto' continues from the newest completed step-N/ checkpoint of the run "
         "directory; a path resumes from that checkpoint",
     )
+    p.add_argument(
+        "--reshard",
+        action="store_true",
+        help="let --resume continue a checkpoint written by another number of ranks: "
+        "weights and optimizer through DeepSpeed's universal checkpoint (converted once "
+        "into step-N/universal/), the loader restarting the saved epoch, RNGs reseeded",
+    )
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(
@@ -359,7 +372,7 @@ def _version() -> str:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from vlp.config.loader import ConfigError
     from vlp.data.loader import TooManySkipped
-    from vlp.training.checkpoint import CheckpointWriteError
+    from vlp.training.checkpoint import CheckpointWriteError, WorldSizeChanged
     from vlp.training.trainer import CollectiveFailed, NonFiniteLoss
 
     return (
@@ -370,6 +383,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         NonFiniteLoss,
         CheckpointWriteError,
         CollectiveFailed,
+        WorldSizeChanged,
     )
 
 

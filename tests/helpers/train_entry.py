@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--out", required=True, help="JSON file for this rank's losses")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--reshard", action="store_true")
     parser.add_argument(
         "--synthetic", type=int, default=0, help="global batch size of synthetic data"
     )
@@ -80,7 +81,9 @@ def main() -> None:
         def source(rank, world, tokenizer):
             return synthetic_batches(rank, world, tokenizer, args.synthetic, cfg.data.image_size)
 
-    history = pretrain(cfg, run_dir=args.run_dir, resume=args.resume, batch_source=source)
+    history = pretrain(
+        cfg, run_dir=args.run_dir, resume=args.resume, reshard=args.reshard, batch_source=source
+    )
     rank = int(os.environ.get("RANK", 0))
     with open(f"{args.out}.rank{rank}", "w") as f:
         json.dump(history, f)

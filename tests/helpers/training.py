@@ -55,6 +55,7 @@ def entry_args(
     overrides=(),
     resume: str | None = None,
     synthetic: int = 0,
+    reshard: bool = False,
 ) -> list[str]:
     """The arguments of ``train_entry.py`` (its path first)."""
     args = [ENTRY, recipe, "--run-dir", str(run_dir), "--out", str(out)]
@@ -62,6 +63,8 @@ def entry_args(
         args += ["--set", item]
     if resume:
         args += ["--resume", resume]
+    if reshard:
+        args.append("--reshard")
     if synthetic:
         args += ["--synthetic", str(synthetic)]
     return args
@@ -88,6 +91,7 @@ def run_training(
     ranks: int = 1,
     overrides: list[str] = (),
     resume: str | None = None,
+    reshard: bool = False,
     synthetic: int = 0,
     run_dir: Path | None = None,
     cache: Path,
@@ -97,7 +101,7 @@ def run_training(
     (steps, losses) as the entry point wrote it."""
     run_dir = run_dir or tmp_path / name
     out = tmp_path / f"{name}.json"
-    args = entry_args(recipe, run_dir, out, overrides, resume, synthetic)
+    args = entry_args(recipe, run_dir, out, overrides, resume, synthetic, reshard)
     if ranks == 1:
         cmd = [sys.executable, *args]
     else:

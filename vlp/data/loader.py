@@ -410,6 +410,23 @@ class LoaderStats:
         """The ``n`` shards with the most skipped samples, most first."""
         return sorted(self.skipped_by_shard.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
+    @classmethod
+    def merged(cls, all_stats: list[LoaderStats]) -> LoaderStats:
+        """The counters of several loaders (the ranks of a run) added into one."""
+        total = cls()
+        for stats in all_stats:
+            for name, value in asdict(stats).items():
+                mine = getattr(total, name)
+                if isinstance(value, dict):
+                    for key, count in value.items():
+                        mine[key] = mine.get(key, 0) + count
+                elif isinstance(value, list):
+                    mine.extend(value)
+                else:
+                    setattr(total, name, mine + value)
+        del total.skipped[MAX_SKIPPED_LISTED:]
+        return total
+
 
 def _decode_fallback(cfg: LoaderConfig) -> LoaderConfig:
     """``cfg`` with ``decode_device`` ``cpu`` (and one warning) when it asks for ``cuda``
@@ -606,6 +623,24 @@ class VLPLoader:
         self.epoch = int(state["epoch"])
         self.progress = _Progress(**state["progress"])
         self.stats = LoaderStats(**state["stats"])
+
+    def restart_resharded(self, states: list[dict]) -> None:
+        """Continue from the loader states of every rank of a run with another world size.
+
+        A rank's position is a function of its rank and the world size, so no saved
+        position continues here: the loader restarts the earliest saved epoch from its
+        beginning (samples of that epoch seen before the checkpoint are seen again; none
+        is lost), and the saved ranks' counters, added together, continue on rank 0, so
+        the run's totals (samples seen, skipped) stay whole."""
+        for state in states:
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(
+                    f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}"
+                )
+        self.set_epoch(min(int(state["epoch"]) for state in states))
+        self.progress = _Progress.fresh(self.logical_workers)
+        saved = [LoaderStats(**state["stats"]) for state in states]
+        self.stats = LoaderStats.merged(saved) if self.rank == 0 else LoaderStats()
 
 
 def build_loader(

@@ -14,10 +14,24 @@ differ per rank, so each rank writes its own small ``trainer_state_rank{r}.pt`` 
 tensors and numbers, loaded with ``weights_only=True``). ``latest`` is replaced atomically
 and only after the ``COMPLETE`` marker exists, so a job killed while saving never leaves
 ``latest`` pointing at a partial folder.
+
+Another world size. The per-rank files (DeepSpeed's ZeRO partitions, the trainer states)
+belong to the world size that wrote them, so :func:`check_world_size` refuses a resume on
+another number of ranks before any process group starts, in one line naming the command
+that continues (``--reshard``). With ``--reshard``, :func:`to_universal` converts the
+folder's ZeRO partitions once into DeepSpeed's universal checkpoint
+(``step-N/universal/``, by ``deepspeed.checkpoint.ds_to_universal``), which an engine
+configured with ``"checkpoint": {"load_universal": true}`` loads at any world size;
+without ZeRO partitions (stage 0) DeepSpeed's files already fit any world size. ZeRO-0,
+2 and 3 in fp32 resume exactly this way (``tests/test_faults.py``; ZeRO-1 shares ZeRO-2's
+code, bf16 is untested), with three DeepSpeed 0.19.8 problems worked around in
+:func:`load_resharded`. The loader and RNG states cannot
+follow (see :func:`load_resharded` and ``VLPLoader.restart_resharded``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -29,8 +43,11 @@ import torch
 import torch.distributed as dist
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_STATE = re.compile(r"^trainer_state_rank(\d+)\.pt$")
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+#: sub-folder of ``step-N/`` holding its universal-checkpoint conversion.
+UNIVERSAL = "universal"
 
 
 def step_tag(step: int) -> str:
@@ -114,7 +131,7 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int)
         torch.save(state, folder / f"trainer_state_rank{rank}.pt")
     except OSError as err:
         error = err
-    if _any_rank(error is not None):
+    if any_rank(error is not None):
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
@@ -135,7 +152,7 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int)
     return folder
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """Collective: whether ``flag`` is true on some rank (also the barrier before
     ``COMPLETE``: every rank has finished writing when it returns)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -143,6 +160,167 @@ def _any_rank(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+class WorldSizeChanged(RuntimeError):
+    """A checkpoint written by another number of ranks, resumed without ``--reshard``."""
+
+
+def resume_folder(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint ``--resume`` names: ``auto`` = the newest completed one of ``run_dir``
+    (None when there is none), else the given folder, which must be complete."""
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    folder = Path(resume)
+    if not (folder / COMPLETE).is_file():
+        raise FileNotFoundError(f"{folder} is not a completed checkpoint (no {COMPLETE} marker)")
+    return folder
+
+
+def saved_world_size(folder: str | Path) -> int:
+    """How many ranks wrote ``folder``: one ``trainer_state_rank{r}.pt`` each."""
+    return sum(1 for f in Path(folder).iterdir() if TRAINER_STATE.match(f.name))
+
+
+def check_world_size(folder: Path, world_size: int, reshard: bool, command: str) -> bool:
+    """Whether resuming ``folder`` on ``world_size`` ranks changes the world size; without
+    ``reshard`` such a resume is refused with :class:`WorldSizeChanged`, whose one line
+    names the checkpoint, both world sizes and ``command`` (the command that continues).
+    Reads files only: call it before any process group or DeepSpeed starts."""
+    saved = saved_world_size(folder)
+    if saved == world_size:
+        return False
+    if not reshard:
+        raise WorldSizeChanged(
+            f"checkpoint {folder} was written by {saved} rank(s) and this job has "
+            f"{world_size}: its optimizer partitions and per-rank loader and RNG states "
+            f"fit {saved} rank(s) only. Resume with {saved} rank(s), or continue on "
+            f"{world_size} through DeepSpeed's universal checkpoint (weights and optimizer "
+            f"exact; the loader restarts the saved epoch) with: {command}"
+        )
+    return True
+
+
+def has_zero_partitions(folder: str | Path) -> bool:
+    """Whether DeepSpeed wrote per-rank ZeRO optimizer partitions (stage >= 1, or bf16)
+    into ``folder``: these need the universal conversion to load at another world size."""
+    return any(Path(folder).glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def to_universal(folder: str | Path) -> Path:
+    """Convert ``folder``'s ZeRO checkpoint into ``folder/universal/`` (once: a converted
+    folder is reused) with DeepSpeed's ``ds_to_universal``; run it on one rank. The
+    conversion writes into a temporary folder renamed at the end, so a conversion killed
+    midway is redone, never loaded."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    folder = Path(folder)
+    out = folder / UNIVERSAL
+    if (out / COMPLETE).is_file():
+        return out
+    tmp = folder / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    args = Namespace(
+        input_folder=str(folder),
+        output_folder=str(tmp),
+        # In-process and serial: worker pools would fork a process holding a process group.
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # vlp's engine does not record DeepSpeed's universal-checkpoint info (it is for
+        # tensor and pipeline parallel layouts, which vlp does not use): add the default.
+        inject_missing_state=True,
+    )
+    ds_to_universal.main(args)
+    (tmp / COMPLETE).write_text("ok\n")
+    os.replace(tmp, out)
+    (folder / f"latest_{UNIVERSAL}").unlink(missing_ok=True)  # ds_to_universal's pointer
+    return out
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Seed Python, NumPy and torch from (seed, step, rank): the RNG policy of a resume on
+    another world size, where no saved per-rank state belongs to this rank."""
+    value = (seed * 1_000_003 + step) * 1_009 + rank
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+class _NoFragment:
+    """A stand-in for DeepSpeed's fragment mapping of a parameter: no optimizer state."""
+
+    def get_optim_state_keys(self) -> list[str]:
+        return []
+
+
+def _load_nothing(*_args, **_kwargs) -> None:
+    return None  # no step was saved for padding
+
+
+@contextlib.contextmanager
+def _stand_ins_for_padding_partitions(optimizer):
+    """Work around DeepSpeed 0.19.8's ZeRO-1/2 universal load on more ranks.
+
+    ``load_hp_checkpoint_state_from_checkpoint_dir`` collects, per parameter group, the
+    saved step of the parameters this rank holds a fragment of, and reads the first:
+    a rank whose partition of a small group is padding alone (a one-element logit scale
+    over two ranks) holds none and fails with ``IndexError: list index out of range``.
+    During the load, such a group's first parameter gets a stand-in fragment that loads
+    nothing; the padding keeps its fresh optimizer state, which no weight reads."""
+    patched = []
+    for group in getattr(optimizer, "bit16_groups", None) or []:
+        if group and all(getattr(p, "_hp_mapping", None) is None for p in group):
+            param = group[0]
+            patched.append((param, getattr(param, "load_hp_checkpoint_state", None)))
+            param._hp_mapping = _NoFragment()
+            param.load_hp_checkpoint_state = _load_nothing
+    try:
+        yield
+    finally:
+        for param, method in patched:
+            param._hp_mapping = None
+            param.load_hp_checkpoint_state = method
+
+
+def load_resharded(engine, folder: str | Path) -> dict:
+    """Restore the engine from a checkpoint of another world size: its universal
+    conversion when it has ZeRO partitions (the engine must be configured with
+    ``load_universal``), else DeepSpeed's files as they are. Returns ``step`` and
+    ``loaders``, every saved rank's loader state in rank order; RNG is not restored."""
+    folder = Path(folder)
+    # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the
+    # hyperparameters of the first saved group (a no-decay group then decays): the
+    # recipe's own (weight decay, betas, names; the trainer re-derives the learning
+    # rate) are put back after the load, whatever the stage.
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    if (folder / UNIVERSAL / COMPLETE).is_file():
+        with _stand_ins_for_padding_partitions(engine.optimizer):
+            load_path, _ = engine.load_checkpoint(str(folder), tag=UNIVERSAL)
+    else:
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {folder}")
+    for group, kept in zip(engine.optimizer.param_groups, hyper):
+        group.update(kept)
+    # ZeRO-3's universal load gives every parameter group one and the same ``step``
+    # tensor, which each group's Adam step then increments in place: one step counted
+    # once per group. Each group gets its own copy.
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    files = sorted(
+        (int(m.group(1)), f)
+        for f in folder.iterdir()
+        if (m := TRAINER_STATE.match(f.name)) is not None
+    )
+    states = [torch.load(f, weights_only=True) for _, f in files]
+    return {"step": int(states[0]["step"]), "loaders": [s.get("loader") for s in states]}
 
 
 def load(engine, folder: str | Path) -> dict:

@@ -49,6 +49,10 @@ class OptimConfig:
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
 
 
+#: DeepSpeed config keys that vlp derives from the recipe (``trainer.deepspeed_config``).
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
 @dataclass
 class DeepSpeedConfig:
     """What vlp passes to ``deepspeed.initialize``.
@@ -74,6 +78,14 @@ class DeepSpeedConfig:
             raise ValueError(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
+        # The batch is vlp's: data.batch_size per rank × accumulation × ranks, divisible by
+        # construction; a second statement of it here could only agree or contradict.
+        for key in sorted(set(self.extra) & set(BATCH_KEYS)):
+            raise ValueError(
+                f"extra.{key}: vlp sets DeepSpeed's batch keys itself (train_batch_size = "
+                "data.batch_size per rank x deepspeed.gradient_accumulation_steps x ranks); "
+                "set data.batch_size and deepspeed.gradient_accumulation_steps instead"
+            )
 
 
 @dataclass

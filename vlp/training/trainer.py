@@ -146,6 +146,52 @@ def check_shards_exist(cfg: RecipeConfig, source: str | None) -> None:
         raise ConfigError(source, "data.shards", str(err)) from None
 
 
+def check_same_shards(cfg: RecipeConfig, source: str | None) -> None:
+    """Collective: every rank resolves ``data.shards`` itself, and all must get the same
+    list, in the same order (the loader deals it to ranks by position), or samples would
+    be read twice or never. A glob or folder resolved on node-local disks that differ is
+    the usual cause. Each rank's (count, sha256 of the list) is all-gathered; on a
+    difference every rank raises one ``ConfigError`` line naming the ranks, their counts
+    and the first differing shard, before the model or DeepSpeed is built."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    from vlp.config.loader import ConfigError
+    from vlp.data import shards
+
+    if not cfg.data.shards or dist.get_world_size() == 1:
+        return  # the phantom's shards are built by one code path from the recipe alone
+    urls = [shard.url for shard in shards.resolve_shards(cfg.data.shards, "train")]
+    digest = hashlib.sha256("\n".join(urls).encode()).hexdigest()
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (len(urls), digest))
+    if len(set(views)) == 1:
+        return
+    lists: list = [None] * dist.get_world_size()
+    dist.all_gather_object(lists, urls)  # only on a mismatch: find the first difference
+    groups: dict = {}
+    for r, view in enumerate(views):
+        groups.setdefault(view, []).append(r)
+    seen = "; ".join(
+        f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}: {count} shard(s)"
+        for (count, _), ranks in groups.items()
+    )
+    first, other = lists[0], next(lst for lst in lists if lst != lists[0])
+    other_rank = lists.index(other)
+    at = next((i for i, (a, b) in enumerate(zip(first, other)) if a != b), None)
+    at = min(len(first), len(other)) if at is None else at
+    shown = [lst[at] if at < len(lst) else "(none)" for lst in (first, other)]
+    raise ConfigError(
+        source,
+        "data.shards",
+        f"the ranks resolved {cfg.data.shards} to different shard lists ({seen}); first "
+        f"difference at shard {at}: rank 0 has {shown[0]}, rank {other_rank} has {shown[1]}. "
+        "Every rank must see the same shards in the same order (a shared file system, or "
+        "a manifest.json, not a folder on node-local disks that differ)",
+    )
+
+
 def check_init_from(cfg: RecipeConfig, source: str | None) -> None:
     """``train.init_from`` must name an export before anything heavy starts."""
     from vlp.config.loader import ConfigError
@@ -156,6 +202,36 @@ def check_init_from(cfg: RecipeConfig, source: str | None) -> None:
             weights_file(cfg.train.init_from)
         except FileNotFoundError as err:
             raise ConfigError(source, "train.init_from", str(err)) from None
+
+
+def _continue_command(recipe, overrides, run_dir: Path, resume: str) -> str:
+    """The ``vlp pretrain`` command that continues ``resume`` on this job's world size
+    (a recipe passed as an object is named by the run directory's ``config.yaml``)."""
+    import shlex
+
+    source = run_dir / "config.yaml" if isinstance(recipe, RecipeConfig) else recipe
+    parts = ["vlp", "pretrain", str(source), "--run-dir", str(run_dir), "--resume", resume]
+    for item in overrides or []:
+        parts += ["--set", item]
+    return shlex.join([*parts, "--reshard"])
+
+
+def _convert_to_universal(folder: Path, rank: int) -> None:
+    """Collective: rank 0 converts ``folder`` to DeepSpeed's universal checkpoint while
+    the others wait; a failed conversion stops every rank (none waits forever)."""
+    from vlp.training import checkpoint
+
+    error = None
+    if rank == 0:
+        LOG.info("--reshard: converting %s to DeepSpeed's universal checkpoint", folder)
+        try:
+            checkpoint.to_universal(folder)
+        except Exception as err:  # re-raised below on rank 0, with its traceback
+            error = err
+    if checkpoint.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank 0 could not convert {folder} to a universal checkpoint")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -297,10 +373,13 @@ def pretrain(
     overrides: list[str] | None = None,
     run_dir: str | Path | None = None,
     resume: str | None = None,
+    reshard: bool = False,
     batch_source: Callable[[int, int, object], Iterator[dict]] | None = None,
 ) -> dict:
     """Train; returns ``{"steps": [...], "losses": [...], "run_dir": ...}`` (rank-local view).
 
+    ``reshard`` lets ``resume`` continue a checkpoint written by another number of ranks
+    (:func:`vlp.training.checkpoint.check_world_size` refuses it otherwise).
     ``batch_source(rank, world_size, tokenizer)``, when given, replaces the shard loader
     with an iterator of batch dicts (tests use it to feed identical global batches).
     """
@@ -321,6 +400,16 @@ def pretrain(
     from vlp.training.module import build_pretraining_module, param_groups_of
 
     env = distributed.detect_env()
+    rank, world = env.rank, env.world_size
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    # The checkpoint to resume and its world size are checked from files alone, so a
+    # resume on another number of ranks is refused before any process group starts.
+    resume_from, resharding = None, False
+    if resume:
+        resume_from = checkpoint.resume_folder(run_dir, resume)
+        if resume_from is not None:
+            command = _continue_command(recipe, overrides, run_dir, resume)
+            resharding = checkpoint.check_world_size(resume_from, world, reshard, command)
     # DeepSpeed reads the torchrun variables; export them for Slurm and single runs too.
     os.environ.update(
         {
@@ -345,10 +434,10 @@ def pretrain(
             world_size=1,
             timeout=timeout,
         )
-    rank, world = env.rank, env.world_size
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    if batch_source is None:
+        check_same_shards(cfg, None if isinstance(recipe, RecipeConfig) else str(recipe))
 
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
@@ -357,6 +446,9 @@ def pretrain(
     LOG.info(
         "run %s: %d rank(s), backend %s, run dir %s", cfg.name, world, dist.get_backend(), run_dir
     )
+    universal = resharding and checkpoint.has_zero_partitions(resume_from)
+    if universal:
+        _convert_to_universal(resume_from, rank)
 
     # Denormal floats appear in small weights and activations after a few steps and make
     # CPU kernels up to 40x slower (measured: a debug step 3.0 s -> 0.08 s); flush them.
@@ -373,24 +465,46 @@ def pretrain(
     groups = optim.param_groups(param_groups_of(module), cfg.optim)
     optimizer = optim.build_optimizer(groups, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.train.steps, cfg.optim)
+    ds_config = deepspeed_config(cfg, world)
+    if universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world),
+        config=ds_config,
         dist_init_required=False,
     )
     distributed.bound_every_group(timeout)  # DeepSpeed's own groups wait no longer
     device = engine.device
 
-    start_step, loader_state = 0, None
+    start_step, loader_state, resharded_loaders = 0, None, None
     if resume:
-        folder = checkpoint.latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
+        folder = resume_from
         if folder is None:
             LOG.info("--resume auto: no completed checkpoint in %s, starting fresh", run_dir)
+        elif resharding:
+            state = checkpoint.load_resharded(engine, folder)
+            start_step = state["step"]
+            saved_ranks = len(state["loaders"])
+            if all(s is not None for s in state["loaders"]):
+                resharded_loaders = state["loaders"]
+            checkpoint.reseed(cfg.train.seed, start_step, rank)
+            LOG.warning(
+                "--reshard: %s was written by %d rank(s), this job has %d: weights, "
+                "optimizer and schedule restored%s; RNGs reseeded from (train.seed, step, "
+                "rank); the loader restarts the saved epoch from its beginning, counters "
+                "carried over (the sample order of another world size cannot be continued "
+                "exactly)",
+                folder,
+                saved_ranks,
+                world,
+                " through DeepSpeed's universal checkpoint" if universal else "",
+            )
         else:
             state = checkpoint.load(engine, folder)
             start_step, loader_state = int(state["step"]), state.get("loader")
+        if folder is not None:
             # The recipe's schedule is the truth: a run resumed with a different train.steps
             # (or after a preemption) continues on the schedule of *this* recipe, not with
             # the learning rate the saved optimizer last used.
@@ -422,6 +536,13 @@ def pretrain(
         loader = build_loader(
             loader_cfg, tokenizer, rank=rank, world_size=world, split="train", state=loader_state
         )
+        if resharded_loaders is not None:
+            loader.restart_resharded(resharded_loaders)
+            LOG.info(
+                "--reshard: the loader restarts epoch %d; %d sample(s) seen before carried over",
+                loader.epoch,
+                loader.stats.samples_seen,
+            )
         batches = iter(loader)
 
     flag = PreemptionFlag()
