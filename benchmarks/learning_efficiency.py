@@ -113,13 +113,14 @@ def checkpoint_times(stamps: dict, every: int) -> tuple[list[float], float, floa
 
 def threshold_of(curves: list[list[float]]) -> float:
     """The highest multiple of 0.05 that every curve reaches; of 0.01 when that would be
-    chance (0.5) or below, so that a short run still has a threshold above chance."""
+    chance (0.5) or below, so that a short run still has a threshold above chance; NaN
+    when some curve never gets above chance (no threshold to time)."""
     best = min(max(c) for c in curves)
     for step in (0.05, 0.01):
         value = math.floor(best / step + 1e-9) * step
         if value > 0.5:
             return round(value, 2)
-    return round(value, 2)
+    return math.nan
 
 
 def time_to(threshold: float, times: list[float], aurocs: list[float]) -> float:
@@ -218,8 +219,9 @@ def plot(results: dict, path: Path) -> Path:
         entry = results["arms"][arm]
         for side, colour in (("vlp", "C0"), ("open_clip", "C1")):
             curve = entry[side]
+            reached = f"{curve['time_to']:.0f} s" if math.isfinite(curve["time_to"]) else "n/a"
             ax.plot([0] + curve["times"], [0.5] + curve["aurocs"], "o-", color=colour, ms=4,
-                    label=f"{side}: {curve['time_to']:.0f} s")  # fmt: skip
+                    label=f"{side}: {reached} to the threshold")  # fmt: skip
             if math.isfinite(curve["time_to"]):
                 ax.axvline(curve["time_to"], color=colour, ls=":", lw=1)
         ax.axhline(entry["threshold"], color="grey", ls="--", lw=1)
@@ -270,10 +272,10 @@ def main() -> None:
     ensure_old_webdataset(Path(args.wds_target))
     shards = len(json.loads((train / "manifest.json").read_text())["shards"])
     every = epoch_steps(samples, shards, workers=1)
-    # Measured on the 2 shared cores: about 1 minute of the budget per epoch of one arm
-    # (both trainers' steps and the evaluation of their checkpoints) and 0.8 minute per arm
-    # of start-up and export.
-    epochs = args.epochs or max(2, int((args.minutes / len(args.arms) - 0.8) / 1.0))
+    # Measured on the 2 shared cores (README: 4 epochs per arm took 11.6 minutes): about
+    # 1.25 minutes of the budget per epoch of one arm (both trainers' steps and the
+    # evaluation of their checkpoints) and 0.8 minute per arm of start-up.
+    epochs = args.epochs or max(2, int((args.minutes / len(args.arms) - 0.8) / 1.25))
     steps = every * epochs
     print(
         f"{samples} phantom training studies in {shards} shards, {every} steps per epoch "
@@ -337,7 +339,8 @@ def main() -> None:
     figure = plot(results, work / "learning_efficiency.png")
     print(f"\nload average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for arm, entry in results["arms"].items():
-        print(f"arm {arm}: threshold zero-shot mean AUROC {entry['threshold']:.2f}")
+        print(f"arm {arm}: threshold zero-shot mean AUROC {entry['threshold']:.2f} (nan: a side "
+              "never got above chance, nothing to time)")  # fmt: skip
         for side in ("vlp", "open_clip"):
             curve = entry[side]
             points = ", ".join(

@@ -31,6 +31,7 @@ def test_learning_efficiency_threshold_and_crossing():
         sys.path.remove(str(ROOT / "benchmarks"))
     assert eff.threshold_of([[0.6, 0.83], [0.7, 0.79]]) == 0.75
     assert eff.threshold_of([[0.52, 0.54], [0.53]]) == 0.53  # 0.05 steps would give chance
+    assert math.isnan(eff.threshold_of([[0.6], [0.499]]))  # one side never above chance
     # linear between the checkpoints around it; from (0, 0.5) before the first
     assert math.isclose(eff.time_to(0.75, [10.0, 20.0, 30.0], [0.6, 0.7, 0.8]), 25.0)
     assert math.isclose(eff.time_to(0.55, [10.0, 20.0], [0.6, 0.7]), 5.0)
