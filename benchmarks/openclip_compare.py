@@ -92,6 +92,7 @@ from trainer_speed import (  # noqa: E402
 WDS_VERSION = "0.2.86"
 MODEL_NAME = "vlp-bench-rn18-tiny"
 CONTEXT_LENGTH = 77
+BATCH = 16
 #: Overrides that make the vlp side do the same work as open_clip's (see the table above).
 MATCH_OPEN_CLIP = [
     f"data.max_text_length={CONTEXT_LENGTH}",
@@ -137,21 +138,61 @@ def write_open_clip_shards(train: Path, out: Path) -> tuple[str, int]:
     return f"{out}/shard-{{{first}..{last}}}.tar", total
 
 
-def write_model_config(folder: Path) -> Path:
-    """open_clip model config of the paired model, and the tiny BERT config it points to."""
-    from transformers import BertConfig, BertModel
+def write_model_config(folder: Path, text: str = "tiny", image_size: int = 128) -> tuple[Path, str]:
+    """open_clip model config of the paired model; returns its path and model name.
 
-    from vlp.models.text import TinyTextParams, load_tokenizer, minilm_path
+    ``text``: ``tiny`` (the vlp ``tiny`` BertConfig, randomly initialised, CLS pooling) or
+    ``minilm`` (the offline MiniLM that vlp's ``minilm`` tower loads, with its weights, mean
+    pooling as ``recipes/demo.yaml`` sets it). ``image_size``: the tower's input side.
+    """
+    from vlp.models.text import load_tokenizer, minilm_path
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = str(minilm_path())
+    if text == "minilm":
+        hf_model, pooler, name = tokenizer_dir, "mean_pooler", f"{MODEL_NAME}-minilm"
+    elif text == "tiny":
+        hf_model, pooler, name = (
+            str(folder / "tiny-bert"),
+            "cls_last_hidden_state_pooler",
+            MODEL_NAME,
+        )
+        write_tiny_bert(Path(hf_model), load_tokenizer(tokenizer_dir).vocab_size)
+    else:
+        raise ValueError(f"text tower {text!r}: expected tiny or minilm")
+    config = {
+        "embed_dim": 512,
+        "vision_cfg": {
+            "image_size": image_size,
+            "timm_model_name": "resnet18",
+            "timm_pool": "avg",
+            "timm_proj": "mlp",
+        },
+        "text_cfg": {
+            "hf_model_name": hf_model,
+            "hf_tokenizer_name": tokenizer_dir,
+            "hf_pooler_type": pooler,
+            "hf_proj_type": "mlp",
+            "context_length": CONTEXT_LENGTH,
+        },
+    }
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path, name
+
+
+def write_tiny_bert(bert: Path, vocab_size: int) -> None:
+    """The vlp ``tiny`` text tower's BertConfig, randomly initialised, as an HF folder."""
+    from transformers import BertConfig, BertModel
+
+    from vlp.models.text import TinyTextParams
+
     tiny = TinyTextParams()
-    bert = folder / "tiny-bert"
     # open_clip_train.main always loads the HF tower's weights (it never passes
     # pretrained_text=False), so the random initialisation is written as the "weights".
     BertModel(
         BertConfig(
-            vocab_size=load_tokenizer(tokenizer_dir).vocab_size,
+            vocab_size=vocab_size,
             hidden_size=tiny.hidden_size,
             num_hidden_layers=tiny.num_layers,
             num_attention_heads=tiny.num_heads,
@@ -160,25 +201,6 @@ def write_model_config(folder: Path) -> Path:
         ),
         add_pooling_layer=False,
     ).save_pretrained(bert)
-    config = {
-        "embed_dim": 512,
-        "vision_cfg": {
-            "image_size": 128,
-            "timm_model_name": "resnet18",
-            "timm_pool": "avg",
-            "timm_proj": "mlp",
-        },
-        "text_cfg": {
-            "hf_model_name": str(bert),
-            "hf_tokenizer_name": tokenizer_dir,
-            "hf_pooler_type": "cls_last_hidden_state_pooler",
-            "hf_proj_type": "mlp",
-            "context_length": CONTEXT_LENGTH,
-        },
-    }
-    path = folder / f"{MODEL_NAME}.json"
-    path.write_text(json.dumps(config, indent=1))
-    return path
 
 
 def ensure_old_webdataset(target: Path) -> None:
@@ -315,6 +337,112 @@ def step_times(data: dict, warmup: int) -> list[tuple[float, float]]:
     ]
 
 
+# ----------------------------------------------------------------------------- runs
+
+
+def epoch_steps(samples: int, shards: int, workers: int) -> int:
+    """Training steps of one open_clip epoch: ceil(N / batch) batches, rounded up to a
+    multiple of the workers (each worker reads >= 1 shard)."""
+    if shards < workers:
+        raise SystemExit(
+            f"open_clip needs >= 1 shard per worker: {shards} shards, {workers} workers"
+        )
+    return math.ceil(math.ceil(samples / BATCH) / max(1, workers)) * max(1, workers)
+
+
+def open_clip_argv(
+    pattern: str,
+    samples: int,
+    model_name: str,
+    workers: int,
+    epochs: int,
+    log_every: int,
+    lr: float = 1e-4,
+    warmup: int = 500,
+) -> list[str]:
+    """open_clip_train arguments of the pairing (module docstring); ``run_lockstep`` adds
+    ``--logs`` and ``--name``."""
+    return [
+        "--train-data", pattern,
+        "--train-num-samples", str(samples),
+        "--dataset-type", "webdataset",
+        "--model", model_name,
+        "--batch-size", str(BATCH),
+        "--workers", str(workers),
+        "--epochs", str(epochs),
+        "--lr", str(lr),
+        "--wd", "1e-6",
+        "--warmup", str(warmup),
+        "--grad-clip-norm", "1.0",
+        "--precision", "fp32",
+        "--seed", "0",
+        "--log-every-n-steps", str(log_every),
+    ]  # fmt: skip
+
+
+def run_lockstep(
+    work: Path,
+    tag: str,
+    recipe: str,
+    vlp_overrides: list[str],
+    oc_argv: list[str],
+    model_config: Path,
+    wds_target: str,
+    steps: int,
+    keep_runs: bool = False,
+) -> dict:
+    """Both trainers at once, in lockstep through a baton (module docstring).
+
+    The children are this script (``--child``); their logs are ``work/TAG-SIDE.log``, run
+    folders ``work/runs/TAG-SIDE`` (open_clip's checkpoints under ``checkpoints/``),
+    removed unless ``keep_runs``. Returns each side's baton stamps (``{"vlp": ..,
+    "open_clip": ..}``) and ``run_dirs``.
+    """
+    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    baton_dir = Path(tempfile.mkdtemp(prefix="baton-", dir=work))
+    for name in ("to_vlp", "to_open_clip"):
+        os.mkfifo(baton_dir / name)
+    children = {}
+    for side in ("vlp", "open_clip"):
+        out = work / f"{tag}-{side}.json"
+        out.unlink(missing_ok=True)
+        run_dir = work / "runs" / f"{tag}-{side}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # open_clip refuses an existing one
+        if side == "vlp":
+            extra = [
+                "--recipe", recipe,
+                "--child-overrides", json.dumps(vlp_overrides),
+                "--child-run-dir", str(run_dir),
+            ]  # fmt: skip
+            env = base_env
+        else:
+            argv = oc_argv + ["--logs", str(run_dir.parent), "--name", run_dir.name]
+            extra = ["--child-argv", json.dumps(argv), "--child-model-config", str(model_config)]
+            env = dict(base_env, PYTHONPATH=wds_target)
+        command = [sys.executable, __file__, "--child", side, "--child-out", str(out)]
+        command += ["--child-baton", str(baton_dir)] + extra
+        log = open(work / f"{tag}-{side}.log", "w")  # noqa: SIM115 (closed below)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        children[side] = (process, out, run_dir, log)
+    data: dict = {"run_dirs": {}}
+    for side, (process, out, run_dir, log) in children.items():
+        code = process.wait()
+        log.close()
+        data["run_dirs"][side] = run_dir
+        if not keep_runs:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a vlp checkpoint is ~230 MB
+        if code != 0 or not out.is_file():
+            tail = Path(log.name).read_text()[-4000:]
+            raise RuntimeError(f"{side} run failed (exit {code}), log {log.name}:\n{tail}")
+        data[side] = json.loads(out.read_text())
+        if len(data[side]["ends"]) != steps:
+            raise RuntimeError(
+                f"{side}: expected {steps} training steps, counted {len(data[side]['ends'])}"
+            )
+    shutil.rmtree(baton_dir, ignore_errors=True)
+    return data
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -363,17 +491,10 @@ def main() -> None:
     work = Path(args.work)
     train = ensure_phantom_shards(work, args.patients)
     pattern, samples = write_open_clip_shards(train, work / "openclip-shards")
-    model_config = write_model_config(work / "openclip-model")
+    model_config, model_name = write_model_config(work / "openclip-model")
     ensure_old_webdataset(Path(args.wds_target))
-    batch = 16
     shards = len(json.loads((train / "manifest.json").read_text())["shards"])
-    if shards < args.workers:
-        raise SystemExit(
-            f"open_clip needs >= 1 shard per worker: {shards} shards, {args.workers} workers"
-        )
-    # open_clip's epoch: ceil(N / batch) batches, rounded up to a multiple of the workers.
-    per_worker = math.ceil(math.ceil(samples / batch) / max(1, args.workers))
-    steps = per_worker * max(1, args.workers) * args.epochs
+    steps = epoch_steps(samples, shards, args.workers) * args.epochs
 
     vlp_overrides = (
         SMALL_CLIP
@@ -388,79 +509,22 @@ def main() -> None:
         ]
         + args.set
     )
-    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    oc_env = dict(base_env, PYTHONPATH=args.wds_target)
-
-    def open_clip_argv(run: int) -> list[str]:  # its run folder: work/runs/compare-open_clip-*
-        return [
-            "--train-data", pattern,
-            "--train-num-samples", str(samples),
-            "--dataset-type", "webdataset",
-            "--model", MODEL_NAME,
-            "--batch-size", str(batch),
-            "--workers", str(args.workers),
-            "--epochs", str(args.epochs),
-            "--lr", "1e-4",
-            "--wd", "1e-6",
-            "--warmup", "500",
-            "--grad-clip-norm", "1.0",
-            "--precision", "fp32",
-            "--seed", "0",
-            "--log-every-n-steps", str(steps),
-            "--logs", str(work / "runs"),
-            "--name", f"compare-open_clip-{run}-{os.getpid()}",
-        ]  # fmt: skip
-
     print(
-        f"{samples} phantom studies in {shards} shards, batch {batch}, {args.workers} worker(s) "
+        f"{samples} phantom studies in {shards} shards, batch {BATCH}, {args.workers} worker(s) "
         f"per side, {steps} steps per run, {os.cpu_count()} cores\n"
         f"vlp: {args.recipe} + {' '.join(vlp_overrides)}\n"
-        f"open_clip: custom model {MODEL_NAME} ({model_config})",
+        f"open_clip: custom model {model_name} ({model_config})",
         flush=True,
     )
     rounds = []
     for run in tqdm(range(args.rounds), desc="lockstep runs (vlp + open_clip)", unit="run"):
-        baton_dir = Path(tempfile.mkdtemp(prefix="baton-", dir=work))
-        for name in ("to_vlp", "to_open_clip"):
-            os.mkfifo(baton_dir / name)
-        children = {}
-        for side in ("vlp", "open_clip"):
-            out = work / f"compare-{side}-{run}.json"
-            out.unlink(missing_ok=True)
-            run_dir = work / "runs" / f"compare-{side}-{run}-{os.getpid()}"
-            if side == "vlp":
-                extra = [
-                    "--recipe", args.recipe,
-                    "--child-overrides", json.dumps(vlp_overrides),
-                    "--child-run-dir", str(run_dir),
-                ]  # fmt: skip
-                env = base_env
-            else:
-                extra = [
-                    "--child-argv", json.dumps(open_clip_argv(run)),
-                    "--child-model-config", str(model_config),
-                ]  # fmt: skip
-                env = oc_env
-            command = [sys.executable, __file__, "--child", side, "--child-out", str(out)]
-            command += ["--child-baton", str(baton_dir)] + extra
-            log = open(work / f"compare-{side}-{run}.log", "w")  # noqa: SIM115 (closed below)
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            children[side] = (process, out, run_dir, log)
-        data = {}
-        for side, (process, out, run_dir, log) in children.items():
-            code = process.wait()
-            log.close()
-            shutil.rmtree(run_dir, ignore_errors=True)  # a vlp checkpoint is ~230 MB
-            if code != 0 or not out.is_file():
-                tail = Path(log.name).read_text()[-4000:]
-                raise RuntimeError(f"{side} run failed (exit {code}), log {log.name}:\n{tail}")
-            data[side] = json.loads(out.read_text())
-            if len(data[side]["ends"]) != steps:
-                raise RuntimeError(
-                    f"{side}: expected {steps} training steps, counted {len(data[side]['ends'])}"
-                )
-        shutil.rmtree(baton_dir, ignore_errors=True)
-        rounds.append(data)
+        argv = open_clip_argv(pattern, samples, model_name, args.workers, args.epochs, steps)
+        rounds.append(
+            run_lockstep(
+                work, f"compare-{run}", args.recipe, vlp_overrides, argv, model_config,
+                args.wds_target, steps,
+            )
+        )  # fmt: skip
 
     print(
         f"\nsteady state: steps {args.warmup + 1}..{steps} of each run, in lockstep, "
@@ -472,11 +536,11 @@ def main() -> None:
         vlp_s = statistics.median(v[0] for v, _ in pairs)
         oc_s = statistics.median(o[0] for _, o in pairs)
         ratio = statistics.median(o[0] / v[0] for v, o in pairs)
-        vlp_cpu = batch * len(pairs) / sum(v[1] for v, _ in pairs)
-        oc_cpu = batch * len(pairs) / sum(o[1] for _, o in pairs)
+        vlp_cpu = BATCH * len(pairs) / sum(v[1] for v, _ in pairs)
+        oc_cpu = BATCH * len(pairs) / sum(o[1] for _, o in pairs)
         print(
-            f"run {run}: vlp {batch / vlp_s:6.2f} samples/s (median step {vlp_s:.3f} s) | "
-            f"open_clip {batch / oc_s:6.2f} samples/s (median step {oc_s:.3f} s) | ratio "
+            f"run {run}: vlp {BATCH / vlp_s:6.2f} samples/s (median step {vlp_s:.3f} s) | "
+            f"open_clip {BATCH / oc_s:6.2f} samples/s (median step {oc_s:.3f} s) | ratio "
             f"{ratio:.3f} (median of per-step open_clip/vlp over {len(pairs)} pairs)\n"
             f"       per CPU second of the process tree: vlp {vlp_cpu:6.2f} | open_clip "
             f"{oc_cpu:6.2f} | ratio {vlp_cpu / oc_cpu:.3f}"

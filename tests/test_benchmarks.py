@@ -5,6 +5,7 @@ notice a script broken by a change in the library or in ``benchmarks/launch.py``
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,26 @@ SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name !=
 
 def test_every_script_is_listed():
     assert {"learning.py", "edema_learning.py", "mae_llama_learning.py"} <= set(SCRIPTS)
+    assert "learning_efficiency.py" in SCRIPTS
+
+
+def test_learning_efficiency_threshold_and_crossing():
+    """The threshold both curves reach and the interpolated time to it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import learning_efficiency as eff
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert eff.threshold_of([[0.6, 0.83], [0.7, 0.79]]) == 0.75
+    assert eff.threshold_of([[0.52, 0.54], [0.53]]) == 0.53  # 0.05 steps would give chance
+    assert math.isnan(eff.threshold_of([[0.6], [0.499]]))  # one side never above chance
+    # linear between the checkpoints around it; from (0, 0.5) before the first
+    assert math.isclose(eff.time_to(0.75, [10.0, 20.0, 30.0], [0.6, 0.7, 0.8]), 25.0)
+    assert math.isclose(eff.time_to(0.55, [10.0, 20.0], [0.6, 0.7]), 5.0)
+    assert math.isnan(eff.time_to(0.9, [10.0], [0.6]))
+    stamps = {"started": 0.0, "starts": [[1, 0], [3, 0], [6, 0]], "ends": [[1, 0], [3, 0], [6, 0]]}
+    times, median, startup = eff.checkpoint_times(stamps, every=1)
+    assert (times, median, startup) == ([2.5, 4.5, 7.5], 2.5, 1.0)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

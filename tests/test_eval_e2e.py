@@ -129,6 +129,47 @@ def test_zero_shot(setup):
     _png_ok(out / "zero_shot_confusion.png")
 
 
+def test_zero_shot_from_embeddings_matches_evaluator(setup):
+    """``aurocs_from_embeddings`` (how a model from another framework is scored, e.g. by
+    benchmarks/learning_efficiency.py) gives the evaluator's AUROCs for a contrastive model."""
+    import numpy as np
+    import torch
+
+    from vlp.config import load_recipe
+    from vlp.evaluation import zero_shot
+    from vlp.evaluation.features import eval_loader, image_features, text_embeddings
+    from vlp.training.module import build_pretraining_module
+
+    _, shards, _ = setup
+    cfg = load_recipe(
+        "recipes/clip.yaml",
+        [
+            "model.encoders.image.tower.name=resnet18",
+            "data.image_size=64",
+            "model.encoders.text.tower.name=tiny",
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_pretraining_module(cfg.model, cfg.objectives, cfg.data.image_size).eval()
+    data = shards / "train"
+    results = zero_shot.evaluate(model, data, shards / "zs", val_data=None, bootstrap=20)
+    assert results["similarity"].startswith("cosine")
+    images, labels = [], []
+    with torch.no_grad():
+        for batch in eval_loader(model, data):
+            images.append(image_features(model, batch, torch.device("cpu"))["image_global"])
+            labels.append(batch["labels"][:, 0].numpy())
+    spec = zero_shot.load_prompts()
+    texts = [c[2] for c in zero_shot.prompt_columns(spec)]
+    text = text_embeddings(model, texts, "report")
+    mine = zero_shot.aurocs_from_embeddings(
+        torch.cat(images), text, np.concatenate(labels), spec, bootstrap=20
+    )
+    for name, auc in results["auroc"].items():
+        np.testing.assert_allclose(mine["auroc"][name]["value"], auc["value"], atol=1e-6)
+    np.testing.assert_allclose(mine["mean_auroc"], results["mean_auroc"], atol=1e-6)
+
+
 def test_linear_probe_cli_and_random_baseline(setup):
     # Evaluated on its own training split: the tiny phantom's validate/test splits hold one
     # or two studies. This checks the plumbing, not generalisation.

@@ -49,6 +49,7 @@ from vlp.evaluation.features import (
     text_embeddings,
 )
 from vlp.evaluation.report import Table, write_results
+from vlp.objectives.scoring import CosineScorer
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "chexpert.yaml"
 
@@ -102,6 +103,15 @@ def load_prompts(path: str | os.PathLike | None = None) -> dict:
     return {"source": str(path), "classes": classes, "multiclass": multiclass}
 
 
+def prompt_columns(prompts: dict) -> list[tuple[str, str, str]]:
+    """(class, polarity, prompt) of every prompt, in the order the scorer's columns take."""
+    columns = []
+    for name, entry in prompts["classes"].items():
+        for polarity in ("positive", "negative"):
+            columns += [(name, polarity, p) for p in entry[polarity]]
+    return columns
+
+
 def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
     """BioViL prompt ensemble: mean of the (unnormalised) embeddings, then L2-normalised."""
     return F.normalize(embeddings.float().mean(0), dim=-1)
@@ -113,15 +123,25 @@ def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
 class PromptScorer:
     """Scores every prompt (and every class ensemble) against batches of images."""
 
-    def __init__(self, model, prompts: dict, objective: str | None = None):
+    def __init__(
+        self,
+        model,
+        prompts: dict,
+        objective: str | None = None,
+        *,
+        text: torch.Tensor | None = None,
+        scorer=None,
+    ):
+        """``text`` and ``scorer``: prompt embeddings (rows in :func:`prompt_columns` order)
+        and the scorer, given instead of computed from ``model`` (``model`` may then be
+        None: features are passed to :meth:`score_features`)."""
         self.model = model
-        self.scorer = scorer_of(model, objective)
-        self.columns: list[tuple[str, str, str]] = []  # (class, polarity, prompt)
-        for name, entry in prompts["classes"].items():
-            for polarity in ("positive", "negative"):
-                self.columns += [(name, polarity, p) for p in entry[polarity]]
-        texts = [c[2] for c in self.columns]
-        self.text = text_embeddings(model, texts, self.scorer.text_kind).to(model_device(model))
+        self.scorer = scorer if scorer is not None else scorer_of(model, objective)
+        self.columns = prompt_columns(prompts)
+        if text is None:
+            texts = [c[2] for c in self.columns]
+            text = text_embeddings(model, texts, self.scorer.text_kind).to(model_device(model))
+        self.text = text
         self.groups: dict[tuple[str, str], list[int]] = {}
         for i, (name, polarity, _) in enumerate(self.columns):
             self.groups.setdefault((name, polarity), []).append(i)
@@ -136,6 +156,12 @@ class PromptScorer:
             feats = image_features(self.model, images, model_device(self.model))
         else:
             feats = model_of(self.model).encode_image(images)
+        return self.score_features(feats)
+
+    @torch.no_grad()
+    def score_features(self, feats: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Image features (``image_global`` and whatever else the scorer reads) → (per-prompt
+        scores N×P, per-group ensemble scores N×G)."""
         prompt_scores = self.scorer.scores(feats, self.text)
         if self.scorer.prompt_ensemble == "embedding":
             group_scores = self.scorer.scores(feats, self.ensembles)
@@ -158,15 +184,56 @@ def score_split(model, data, scorer: PromptScorer, batch_size: int, desc: str) -
         keys += batch["keys"]
     if not keys:
         raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")
+    split = scored_split(scorer, prompt_rows, group_rows, labels)
+    return {**split, "keys": keys, "skipped": loader.stats.samples_skipped}
+
+
+def scored_split(scorer: PromptScorer, prompt_rows, group_rows, labels) -> dict:
+    """The split dict the tasks read, from per-batch score and label arrays."""
     groups = np.concatenate(group_rows)
-    by_group = {g: groups[:, i] for i, g in enumerate(scorer.groups)}
     return {
         "prompt": np.concatenate(prompt_rows),
-        "group": by_group,
+        "group": {g: groups[:, i] for i, g in enumerate(scorer.groups)},
         "labels": np.concatenate(labels),
-        "keys": keys,
-        "skipped": loader.stats.samples_skipped,
     }
+
+
+def finding_auroc(split: dict, name: str, bootstrap: int, seed: int) -> dict:
+    """AUROC (with its bootstrap CI) of finding ``name``'s binary score (positive − negative
+    ensemble) on the studies labelled 1 or 0 for it."""
+    mask, y = metrics.binary_labels(split["labels"][:, CHEXPERT_LABELS.index(name)])
+    return metrics.auroc_with_ci(y, binary_scores(split, name)[mask], bootstrap, seed)
+
+
+def mean_defined(aurocs: dict) -> float:
+    """Mean of the per-finding AUROC values that are defined (NaN where none is)."""
+    defined = [v["value"] for v in aurocs.values() if not math.isnan(v["value"])]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
+def aurocs_from_embeddings(
+    image: torch.Tensor | np.ndarray,
+    text: torch.Tensor | np.ndarray,
+    labels: np.ndarray,
+    prompts=None,
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Zero-shot AUROC per finding and their mean from embeddings computed elsewhere.
+
+    ``image``: N×D global image embeddings; ``text``: P×D prompt embeddings, rows in
+    :func:`prompt_columns` order of ``prompts``; ``labels``: N×14 CheXpert labels. Scored
+    as :func:`evaluate` scores a contrastive vlp model (cosine, BioViL ensemble, positive −
+    negative), so a model from another framework (e.g. open_clip) is measured on the same
+    protocol. Returns ``{"auroc": {finding: {value, ci}}, "mean_auroc": float}``.
+    """
+    spec = prompts if isinstance(prompts, dict) else load_prompts(prompts)
+    scorer = PromptScorer(None, spec, text=torch.as_tensor(text), scorer=CosineScorer("report"))
+    prompt_scores, group_scores = scorer.score_features({"image_global": torch.as_tensor(image)})
+    split = scored_split(scorer, [prompt_scores], [group_scores], [np.asarray(labels)])
+    aurocs = {name: finding_auroc(split, name, bootstrap, seed) for name in spec["classes"]}
+    return {"auroc": aurocs, "mean_auroc": mean_defined(aurocs)}
 
 
 def binary_scores(split: dict, name: str) -> np.ndarray:
@@ -255,7 +322,7 @@ def evaluate(
         column = CHEXPERT_LABELS.index(name)
         mask, y = metrics.binary_labels(test["labels"][:, column])
         score = binary_scores(test, name)[mask]
-        auc = metrics.auroc_with_ci(y, score, bootstrap, seed)
+        auc = finding_auroc(test, name, bootstrap, seed)
         has_negative = bool(prompt_spec["classes"][name]["negative"])
         threshold, rule = _threshold(name, val, column, has_negative, binary_scores(test, name))
         predicted = (score >= threshold).astype(float)
@@ -280,8 +347,7 @@ def evaluate(
                 value = float("nan")
             results["per_prompt_auroc"][name][f"{polarity}: {text}"] = value
             prompt_rows.append([name, polarity, text, value])
-    defined = [v["value"] for v in results["auroc"].values() if not math.isnan(v["value"])]
-    results["mean_auroc"] = float(np.mean(defined)) if defined else float("nan")
+    results["mean_auroc"] = mean_defined(results["auroc"])
 
     # The mean's own interval: studies resampled jointly for every finding.
     def mean_with_ci(names):
