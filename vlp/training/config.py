@@ -20,6 +20,12 @@ class OptimConfig:
     it extends writes ``group_lr: {text: null}``), e.g. the lower rate
     Liao et al. (2021) and Chauhan et al. (2020) use for BERT (2e-5). Norms, biases and
     the logit scale never get weight decay.
+
+    ``fused`` picks torch's fused AdamW kernel (one vectorised pass over each tensor, on
+    CPU and CUDA): on one CPU thread it updates a resnet18's 11.7 M parameters in ~7 ms
+    where the default for-loop kernel takes ~70 ms (``benchmarks/learning_efficiency.py``,
+    where the optimizer was 13 % of a step). The two agree to float rounding, not bitwise;
+    ``false`` keeps torch's default kernel.
     """
 
     lr: float = 5.0e-4
@@ -30,6 +36,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
     min_lr_ratio: float = 0.0
+    fused: bool = True
 
     def validate(self) -> None:
         if self.lr <= 0:

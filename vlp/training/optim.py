@@ -61,8 +61,11 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """torch AdamW: no compiled extension needed on CPU (DeepSpeed's FusedAdam would JIT-build)."""
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    """torch AdamW, fused unless ``cfg.fused`` is false: torch's own kernels, so nothing is
+    compiled on CPU (DeepSpeed's FusedAdam would JIT-build an extension)."""
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused or None
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
