@@ -21,6 +21,7 @@ import argparse
 import math
 import multiprocessing as mp
 import os
+import queue as queue_module
 import time
 
 from tqdm import tqdm
@@ -80,7 +81,17 @@ def _measure(variant, studies, sentences, repeats, queue):
     torch.manual_seed(0)
     dims = FeatureDims(embed_dim=768, local_dim=LOCAL_DIM, sentence_dim=SENTENCE_DIM)
     objective = build_objective(
-        ObjectiveSpec("local_mi", params={"critic": {"hidden_dims": HIDDEN}, "estimator": "cpc"}),
+        # The paper's critic and pooling (Eq. 5: concatenation MLP, max over regions), named:
+        # the loop below implements exactly those, and the defaults became the separable
+        # critic with a logsumexp over regions (what learns on the phantom).
+        ObjectiveSpec(
+            "local_mi",
+            params={
+                "critic": {"kind": "concat", "hidden_dims": HIDDEN},
+                "region_pool": "max",
+                "estimator": "cpc",
+            },
+        ),
         dims,
     )
     times, peaks, value = [], [], None
@@ -127,7 +138,16 @@ def main(argv=None) -> None:
                 target=_measure, args=(variant, studies, args.sentences, args.repeats, queue)
             )
             process.start()
-            row = queue.get()
+            while True:  # a child that dies without a row must not leave us waiting
+                try:
+                    row = queue.get(timeout=2.0)
+                    break
+                except queue_module.Empty:
+                    if not process.is_alive():
+                        raise SystemExit(
+                            f"local_mi_memory: the {variant} measurement at {studies} studies "
+                            f"died (exit code {process.exitcode}); its traceback is above"
+                        ) from None
             process.join()
         finally:
             if env_before is None:

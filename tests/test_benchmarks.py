@@ -54,3 +54,18 @@ def test_benchmark_script_starts(script):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_local_mi_memory_runs_and_its_two_losses_agree():
+    """A small real run: the vectorised loss and the script's own loop (an independent
+    implementation) print the same loss, and the script ends (a child that dies must not
+    leave it waiting)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "local_mi_memory.py"), "--studies", "3",
+         "--loop-studies", "3", "--sentences", "2", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    difference = float(proc.stdout.rsplit("the losses differ by ", 1)[1].split()[0])
+    assert difference < 1e-4, proc.stdout
