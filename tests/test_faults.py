@@ -72,6 +72,106 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_keeps_the_last_one(
     assert (run_dir / "latest").read_text() == "step-6"
 
 
+def _immutable_directories_supported(folder) -> bool:
+    probe = folder / "chattr-probe"
+    probe.mkdir()
+    try:
+        if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode:
+            return False
+        try:
+            (probe / "x").touch()
+            return False  # chattr accepted but not enforced
+        except OSError:
+            return True
+    except FileNotFoundError:  # no chattr on this machine
+        return False
+    finally:
+        subprocess.run(["chattr", "-i", str(probe)], capture_output=True)
+
+
+def test_a_read_only_run_directory_at_a_checkpoint_stops_in_one_line_and_keeps_the_last_one(
+    tmp_path, phantom_cache
+):
+    if not _immutable_directories_supported(tmp_path):
+        pytest.skip("chattr +i is not available or not enforced on this file system")
+    overrides = [*SMALL, FAULTS, "train.steps=6", "checkpoint.every=2"]
+    run_dir = tmp_path / "read-only"
+    command = [sys.executable, "-m", "vlp.cli", "pretrain", DEBUG, "--run-dir", str(run_dir)]
+    for item in overrides:
+        command += ["--set", item]
+    env = dict(env_for(phantom_cache), VLP_TEST_READ_ONLY_AT_CHECKPOINT="4")
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["chattr", "-i", str(run_dir)], capture_output=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "checkpoint step-4 could not be written" in last, last
+    assert "step-2 is intact" in last and "Traceback" not in proc.stderr
+    assert not (run_dir / "step-4").exists()
+    assert (run_dir / "latest").read_text() == "step-2"
+    resumed = run_training(
+        tmp_path, "after", overrides=overrides, resume="auto", run_dir=run_dir,
+        cache=phantom_cache,
+    )[0]  # fmt: skip
+    assert resumed["steps"] == [3, 4, 5, 6]
+    assert (run_dir / "latest").read_text() == "step-6"
+
+
+def _bytes_under(folder) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_a_disk_that_really_fills_during_a_checkpoint_stops_in_one_line(tmp_path, phantom_cache):
+    """A real full disk, not an injected error: the run directory lies on a tmpfs sized to
+    hold the run up to its first checkpoint and half of the second, so the second fails in
+    the middle of DeepSpeed's own files (torch.save reports that as a RuntimeError)."""
+    overrides = [*SMALL, "checkpoint.every=2"]
+    sizing = run_training(
+        tmp_path, "sizing", overrides=[*overrides, "train.steps=2"], cache=phantom_cache
+    )
+    assert sizing[0]["steps"] == [1, 2]
+    run_bytes = _bytes_under(tmp_path / "sizing")
+    checkpoint_bytes = _bytes_under(tmp_path / "sizing" / "step-2")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    size = run_bytes + checkpoint_bytes // 2
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        run_dir = mount / "run"
+        command = [sys.executable, "-m", "vlp.cli", "pretrain", DEBUG, "--run-dir", str(run_dir)]
+        for item in [*overrides, "train.steps=6"]:
+            command += ["--set", item]
+        proc = subprocess.run(
+            command, env=env_for(phantom_cache), capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "checkpoint step-4 could not be written" in last, last
+        assert "most likely a full disk" in last, last
+        assert "step-2 is intact" in last and "Traceback" not in proc.stderr
+        assert not (run_dir / "step-4").exists()
+        assert (run_dir / "latest").read_text() == "step-2"
+        # Room again: --resume auto continues from step-2.
+        grown = subprocess.run(
+            ["mount", "-o", f"remount,size={run_bytes + 4 * checkpoint_bytes}", str(mount)],
+            capture_output=True,
+        )
+        assert grown.returncode == 0, grown.stderr
+        resumed = run_training(
+            tmp_path, "after", overrides=[*overrides, "train.steps=6"], resume="auto",
+            run_dir=run_dir, cache=phantom_cache,
+        )[0]  # fmt: skip
+        assert resumed["steps"] == [3, 4, 5, 6]
+        assert (run_dir / "latest").read_text() == "step-6"
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
 def _tensorboard(run_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

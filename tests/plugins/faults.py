@@ -4,7 +4,8 @@ With ``VLP_TEST_KILL_IN_CHECKPOINT=N`` in the environment, the process SIGKILLs 
 while saving checkpoint ``step-N``: after DeepSpeed has written its files and before the
 trainer state and the ``COMPLETE`` marker, the moment a preempted or crashed job leaves a
 partial checkpoint behind. With ``VLP_TEST_DISK_FULL_AT_CHECKPOINT=N`` the disk fills at
-the same moment (``OSError`` ENOSPC). With ``VLP_TEST_KILL_RANK_AT_STEP=R:N`` rank R
+the same moment (``OSError`` ENOSPC); with ``VLP_TEST_READ_ONLY_AT_CHECKPOINT=N`` the run
+directory is made immutable (``chattr +i``) just before checkpoint ``step-N``. With ``VLP_TEST_KILL_RANK_AT_STEP=R:N`` rank R
 SIGKILLs itself at the start of the training forward of step N (1-based), the other ranks
 then waiting in that step's collectives; ``VLP_TEST_STOP_RANK_AT_STEP=R:N`` SIGSTOPs it
 there instead (a hung rank: alive, never answering). Without the variables it changes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +42,11 @@ def _save_or_die(engine, run_dir, step, trainer_state, keep):
     full = os.environ.get("VLP_TEST_DISK_FULL_AT_CHECKPOINT")
     if full and int(full) == step:
         _disk_full_after_deepspeed(engine)
+    read_only = os.environ.get("VLP_TEST_READ_ONLY_AT_CHECKPOINT")
+    if read_only and int(read_only) == step:
+        # A real refusal by the file system, not an injected exception: the run directory
+        # becomes immutable (no entry can be created, renamed or removed in it).
+        subprocess.run(["chattr", "+i", str(run_dir)], check=True)
     return _save(engine, run_dir, step, trainer_state, keep)
 
 

@@ -124,6 +124,9 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int)
         if rank == 0 and folder.exists():  # a partial folder from a killed save
             shutil.rmtree(folder)
         _barrier()
+        # Made here so that a read-only run directory fails as an OSError: DeepSpeed logs a
+        # failed makedirs and goes on, and torch.save then fails with a RuntimeError.
+        folder.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(
             str(run_dir), tag=tag, client_state={"step": step}, save_latest=False
         )
@@ -131,12 +134,23 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int)
         torch.save(state, folder / f"trainer_state_rank{rank}.pt")
     except OSError as err:
         error = err
+    except RuntimeError as err:
+        # torch.save reports a failed write (a disk that fills mid-file) as a RuntimeError
+        # from its zip writer; any other RuntimeError is a bug and propagates.
+        if not _is_write_failure(err):
+            raise
+        error = err
     if any_rank(error is not None):
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
-        reason = f"{type(error).__name__}: {error}" if error else "another rank failed to write"
+        if error is None:
+            reason = "another rank failed to write"
+        elif isinstance(error, RuntimeError):  # torch's zip writer: no errno to show
+            reason = f"a file write failed, most likely a full disk: {str(error).strip()}"
+        else:
+            reason = f"{type(error).__name__}: {error}"
         raise CheckpointWriteError(
             f"checkpoint {tag} could not be written in {run_dir} ({reason}); the run stops; "
             f"{kept}, and --resume auto continues from it once the run directory is writable"
@@ -150,6 +164,17 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int)
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return folder
+
+
+#: what torch's zip writer (caffe2/serialize/inline_container.cc) raises when a write
+#: fails: a disk that fills mid-file ends in "[enforce fail at inline_container.cc:...]
+#: unexpected pos ...", a missing folder in "Parent directory ... does not exist".
+_WRITE_FAILURES = ("inline_container.cc", "file write failed", "PytorchStreamWriter failed",
+                   "Parent directory")  # fmt: skip
+
+
+def _is_write_failure(err: RuntimeError) -> bool:
+    return any(text in str(err) for text in _WRITE_FAILURES)
 
 
 def any_rank(flag: bool) -> bool:
