@@ -58,16 +58,25 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_keeps_the_last_one(
         command += ["--set", item]
     env = dict(env_for(phantom_cache), VLP_TEST_DISK_FULL_AT_CHECKPOINT="4")
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    _assert_step_4_failed_in_one_line(proc, run_dir, "No space left")
+    _assert_resume_auto_continues_from_step_2(tmp_path, overrides, run_dir, phantom_cache)
+
+
+def _assert_step_4_failed_in_one_line(proc, run_dir, reason: str) -> None:
+    """The run stopped at checkpoint step-4 with exit 2 and one line naming ``reason`` and
+    the intact step-2; the partial folder is gone and ``latest`` still names step-2."""
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert "checkpoint step-4 could not be written" in last and "No space left" in last
+    assert "checkpoint step-4 could not be written" in last and reason in last, last
     assert "step-2 is intact" in last and "Traceback" not in proc.stderr
-    assert not (run_dir / "step-4").exists()  # the partial folder is gone
+    assert not (run_dir / "step-4").exists()
     assert (run_dir / "latest").read_text() == "step-2"
+
+
+def _assert_resume_auto_continues_from_step_2(tmp_path, overrides, run_dir, cache) -> None:
     resumed = run_training(
-        tmp_path, "after", overrides=overrides, resume="auto", run_dir=run_dir,
-        cache=phantom_cache,
-    )[0]  # fmt: skip
+        tmp_path, "after", overrides=overrides, resume="auto", run_dir=run_dir, cache=cache
+    )[0]
     assert resumed["steps"] == [3, 4, 5, 6]
     assert (run_dir / "latest").read_text() == "step-6"
 
@@ -104,18 +113,8 @@ def test_a_read_only_run_directory_at_a_checkpoint_stops_in_one_line_and_keeps_t
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     finally:
         subprocess.run(["chattr", "-i", str(run_dir)], capture_output=True)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "checkpoint step-4 could not be written" in last, last
-    assert "step-2 is intact" in last and "Traceback" not in proc.stderr
-    assert not (run_dir / "step-4").exists()
-    assert (run_dir / "latest").read_text() == "step-2"
-    resumed = run_training(
-        tmp_path, "after", overrides=overrides, resume="auto", run_dir=run_dir,
-        cache=phantom_cache,
-    )[0]  # fmt: skip
-    assert resumed["steps"] == [3, 4, 5, 6]
-    assert (run_dir / "latest").read_text() == "step-6"
+    _assert_step_4_failed_in_one_line(proc, run_dir, "PermissionError")
+    _assert_resume_auto_continues_from_step_2(tmp_path, overrides, run_dir, phantom_cache)
 
 
 def _bytes_under(folder) -> int:
@@ -149,25 +148,16 @@ def test_a_disk_that_really_fills_during_a_checkpoint_stops_in_one_line(tmp_path
         proc = subprocess.run(
             command, env=env_for(phantom_cache), capture_output=True, text=True, timeout=600
         )
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        last = proc.stderr.strip().splitlines()[-1]
-        assert "checkpoint step-4 could not be written" in last, last
-        assert "most likely a full disk" in last, last
-        assert "step-2 is intact" in last and "Traceback" not in proc.stderr
-        assert not (run_dir / "step-4").exists()
-        assert (run_dir / "latest").read_text() == "step-2"
+        _assert_step_4_failed_in_one_line(proc, run_dir, "most likely a full disk")
         # Room again: --resume auto continues from step-2.
         grown = subprocess.run(
             ["mount", "-o", f"remount,size={run_bytes + 4 * checkpoint_bytes}", str(mount)],
             capture_output=True,
         )
         assert grown.returncode == 0, grown.stderr
-        resumed = run_training(
-            tmp_path, "after", overrides=[*overrides, "train.steps=6"], resume="auto",
-            run_dir=run_dir, cache=phantom_cache,
-        )[0]  # fmt: skip
-        assert resumed["steps"] == [3, 4, 5, 6]
-        assert (run_dir / "latest").read_text() == "step-6"
+        _assert_resume_auto_continues_from_step_2(
+            tmp_path, [*overrides, "train.steps=6"], run_dir, phantom_cache
+        )
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
 
