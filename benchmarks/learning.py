@@ -23,7 +23,9 @@ Arms:
     (``recipes/local_mi_paper.yaml``), to show what does not learn.
 ``biovil_l``
     The ``clip`` arm plus BioViL-L's local word-region alignment (``recipes/biovil_l.yaml``'s
-    objectives, words projected to the local width).
+    objectives, words projected to the local width). Grounded twice: with the default
+    cosine map of the global space (as every arm) and with its local loss's word-region
+    attention (``vlp eval grounding --objective local_alignment``).
 ``biovil_t``
     The ``clip`` arm with BioViL-T's multi-image encoder (``recipes/biovil_t.yaml``): the
     demo's CNN on the current frontal and its prior, fused (width 128, 3 blocks, 4 heads).
@@ -117,6 +119,10 @@ ARMS = {
     ],
 }
 LATERAL_ONLY = "lateral-only finding (small effusion) probe AUROC"
+#: arms also grounded with a local objective's own region map (BioViL-L: the word-region
+#: attention of its local loss, as GLoRIA localises), beside the default cosine map.
+LOCAL_GROUNDING = {"biovil_l": "local_alignment"}
+WORD_CNR = "grounding mean CNR, local objective's map"
 #: the progression findings the phantom labels.
 TEMPORAL_FINDINGS = ("pleural_effusion", "edema", "consolidation", "pneumothorax")
 COLUMNS = (
@@ -131,6 +137,7 @@ COLUMNS = (
     "linear probe 10% labels, mean AUROC (random init)",
     "retrieval image_to_report R@5",
     "grounding mean CNR",
+    WORD_CNR,
     "edema ordinal AUC 0v123",
     "edema ordinal AUC 01v23",
     "edema ordinal AUC 012v3",
@@ -246,6 +253,16 @@ def main() -> None:
             p.bootstrap,
         )
         metrics[LATERAL_ONLY], cis[LATERAL_ONLY] = lateral["value"], lateral.get("ci")
+        if name in LOCAL_GROUNDING:
+            local = run_evaluator(
+                "grounding",
+                out / name / "run" / "export",
+                shards / "test",
+                out / name / "eval" / "grounding_local",
+                objective=LOCAL_GROUNDING[name],
+                bootstrap=p.bootstrap,
+            )
+            metrics[WORD_CNR], cis[WORD_CNR] = local["mean_cnr"]["value"], local["mean_cnr"]["ci"]
         print(f"{LATERAL_ONLY}: {lateral}", flush=True)
         table[name] = {
             "metrics": metrics,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.training import check_trains_and_resumes
+from tests.helpers.training import SMALL, check_trains_and_resumes
 from vlp.config import ConfigError, load_recipe
 from vlp.models.model import FeatureDims
 from vlp.objectives.base import ObjectiveSpec, build_objective
@@ -122,8 +122,123 @@ def test_local_alignment_without_a_word_head_fails_at_load(tmp_path):
     )
 
 
+def _loop_maps(words, mask, regions, g1, g2):
+    """Per text t on image t: each real word's attention over regions, weighted over the
+    words by softmax(g2 * cos(word, attended context)), word by word (float64)."""
+    maps = []
+    for t in range(words.shape[0]):
+        c = regions[t].double() / regions[t].double().norm(dim=-1, keepdim=True)
+        attentions, agreements = [], []
+        for word, real in zip(words[t].double(), mask[t]):
+            if not real:
+                continue
+            w = word / word.norm()
+            a = torch.softmax(g1 * (c @ w), 0)
+            v = (a[:, None] * c).sum(0)
+            attentions.append(a)
+            agreements.append(g2 * float(w @ v / v.norm()))
+        if not attentions:
+            maps.append(torch.full((regions.shape[1],), 1 / regions.shape[1], dtype=torch.float64))
+            continue
+        weights = torch.softmax(torch.tensor(agreements, dtype=torch.float64), 0)
+        maps.append(sum(wt * a for wt, a in zip(weights, attentions)))
+    return torch.stack(maps)
+
+
+def test_word_scorer_scores_and_maps_match_loops():
+    """The objective's scorer (zero-shot, grounding): its image-text score is R(text, image)
+    of the loss; its region map is the word attention weighted as the smooth maximum
+    weighs the words; word features arrive zero-padded (``encode_text(kind="words")``)."""
+    from vlp.objectives.scoring import WordRegionScorer
+
+    objective = build_objective(ObjectiveSpec("local_alignment", 1.0, {}), FeatureDims(8, 8, 8))
+    scorer = objective.scorer()
+    assert isinstance(scorer, WordRegionScorer) and scorer.has_regions
+    assert scorer.text_kind == "words" and scorer.logit_scale == 10.0
+    g = torch.Generator().manual_seed(2)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    words = torch.randn(3, 5, 8, generator=g) * mask[..., None]  # padding is a zero vector
+    regions = torch.randn(4, 6, 8, generator=g)
+    got = scorer.scores({"image_local": regions}, words[:2])
+    torch.testing.assert_close(
+        got.double(), _loop_scores(words[:2], mask[:2], regions, 4.0, 5.0).T, atol=1e-5, rtol=1e-5
+    )
+    index = torch.tensor([3, 0, 1])
+    maps = scorer.region_scores({"image_local": regions}, words, index)
+    want = _loop_maps(words, mask, regions[index], 4.0, 5.0)
+    torch.testing.assert_close(maps.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps.sum(1).double(), torch.ones(3, dtype=torch.float64))
+    # A word that points at one region of its image draws the map to that region.
+    pointed = torch.zeros(1, 5, 8)
+    pointed[0, 0] = regions[0, 4]
+    assert int(scorer.region_scores({"image_local": regions}, pointed, index[1:2]).argmax()) == 4
+
+
+def test_raw_text_words_equal_the_forwards_and_pad_across_chunks():
+    from vlp.evaluation.features import text_embeddings
+    from vlp.training.module import build_pretraining_module
+
+    overrides = [
+        "model.encoders.image.tower.name=resnet18",
+        "model.encoders.text.tower.name=tiny",
+        "data.image_size=64",
+    ]
+    cfg = load_recipe(ROOT / "recipes" / "biovil_l.yaml", overrides)
+    module = build_pretraining_module(cfg.model, cfg.objectives, 64).eval()
+    texts = ["small left effusion", "no pneumothorax is seen on this radiograph today"]
+    tokens = module.model.text.tokenize(texts)
+    batch = {f"report_{k}": v for k, v in tokens.items()}
+    with torch.no_grad():
+        features = module.model.encode(batch, {"report_words"})
+        got = module.model.encode_text(texts, kind="words")
+        chunked = text_embeddings(module, texts, "words", batch_size=1)
+    want = features["report_words"] * features["report_word_mask"][..., None]
+    torch.testing.assert_close(got, want)
+    # One text per chunk: each chunk is tokenised to its own length, then padded.
+    assert chunked.shape == got.shape
+    torch.testing.assert_close(chunked, got, atol=1e-5, rtol=1e-5)
+    plain = load_recipe(ROOT / "recipes" / "biovil.yaml", overrides)
+    without = build_pretraining_module(plain.model, plain.objectives, 64).model
+    with pytest.raises(ValueError, match="no word features"):
+        without.encode_text(texts, kind="words")
+
+
 def test_biovil_l_trains_under_deepspeed_and_resumes_exactly(tmp_path, phantom_cache):
-    check_trains_and_resumes(tmp_path, phantom_cache, str(ROOT / "recipes" / "biovil_l.yaml"))
+    """Also: the trained run grounds phrases with its word-region attention when the
+    grounding evaluator is pointed at the local objective, and with the global cosine
+    (BioViL's map) by default."""
+    from vlp.evaluation import run_evaluator
+    from vlp.training.export import export
+
+    recipe = str(ROOT / "recipes" / "biovil_l.yaml")
+    run_dir = check_trains_and_resumes(tmp_path, phantom_cache, recipe)
+    exported = export(run_dir)
+    shards = _small_phantom_shards(phantom_cache, recipe)
+    words = run_evaluator(
+        "grounding",
+        exported,
+        shards / "test",
+        tmp_path / "words",
+        objective="local_alignment",
+        bootstrap=20,
+    )
+    assert words["similarity"].startswith("word-region attention")
+    assert math.isfinite(words["mean_cnr"]["value"]), words
+    default = run_evaluator("grounding", exported, shards / "test", tmp_path / "cos", bootstrap=20)
+    assert default["similarity"].startswith("cosine")
+    assert default["mean_cnr"]["value"] != words["mean_cnr"]["value"]
+    with pytest.raises(ValueError, match="retrieval ranks report or sentence"):
+        run_evaluator(
+            "retrieval", exported, shards / "test", tmp_path / "r", objective="local_alignment"
+        )
+
+
+def _small_phantom_shards(cache: Path, recipe: str) -> Path:
+    """The shards of the phantom that SMALL names (the training tests build it)."""
+    from vlp.data.phantom_cache import phantom_shards
+
+    cfg = load_recipe(recipe, SMALL)
+    return phantom_shards(cfg.data.phantom, cfg.data.priors, root=cache) / "shards"
 
 
 # ---------------------------------------------------------------- Med-ST's weighted variant

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlp.data.batch import at_time, batch_to
@@ -211,12 +212,18 @@ def predictor_of(model, field: str, objective: str | None = None):
 
 @torch.no_grad()
 def text_embeddings(model, texts: list[str], kind: str, batch_size: int = 64) -> torch.Tensor:
-    """Projected embeddings (``report`` or ``sentence`` space) of raw strings, batched."""
+    """Projected embeddings (``report`` or ``sentence`` space, ``P×D``) of raw strings, or
+    their word features (``words``, ``P×L×D`` zero-padded to the longest), batched."""
     rows = [
         model_of(model).encode_text(list(texts[i : i + batch_size]), kind=kind).float()
         for i in range(0, len(texts), batch_size)
     ]
-    return torch.cat(rows) if rows else torch.zeros(0, 0)
+    if not rows:
+        return torch.zeros(0, 0)
+    if rows[0].dim() == 3:  # words: chunks tokenised to different lengths
+        length = max(r.shape[1] for r in rows)
+        rows = [F.pad(r, (0, 0, 0, length - r.shape[1])) for r in rows]
+    return torch.cat(rows)
 
 
 def eval_loader(

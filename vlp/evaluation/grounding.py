@@ -8,8 +8,9 @@ the model's scorer's region scores (:func:`vlp.evaluation.features.scorer_of`): 
 models (Liao et al., MICCAI 2021) the critic's score of each region with the sentence (the
 statistic the objective pools over regions); for contrastive models the cosine of each
 projected local feature with the phrase embedding (BioViL grounding, Boecking et al. 2022)
-when local features share the text space; a scorer without region scores is reported as
-unsupported.
+when local features share the text space; for BioViL-L's local alignment the phrase's
+words attending over the regions (GLoRIA's localisation maps, Huang et al. 2021); a scorer
+without region scores is reported as unsupported.
 
 The map is upsampled bilinearly to the model's input size and compared with the box mask in
 the same pixel frame. Boxes are stored in the pixels of the stored image; the loader takes

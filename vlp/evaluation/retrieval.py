@@ -104,6 +104,11 @@ def evaluate(
     """
     out = Path(out)
     scorer = scorer_of(model, objective)
+    if scorer.text_kind not in ("report", "sentence"):
+        raise ValueError(
+            f"retrieval: the score of objective {objective!r} reads {scorer.text_kind} "
+            "features; retrieval ranks report or sentence embeddings (choose another --objective)"
+        )
     device = model_device(model)
     if scorer.text_kind == "report":
         feats = extract_features(

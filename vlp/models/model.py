@@ -334,7 +334,9 @@ class VLPModel(nn.Module):
         return out
 
     def encode_text(self, texts: list[str], kind: str = "report") -> torch.Tensor:
-        """Raw strings → projected embeddings in the ``report`` (default) or ``sentence`` space."""
+        """Raw strings → projected embeddings in the ``report`` (default) or ``sentence``
+        space (``P×D``), or ``words``: each text's projected word features ``P×L×D`` (the
+        ``report_words`` of a forward) with every padding or special token a zero vector."""
         if self.text is None:
             raise ValueError("the model has no text encoder (model.encoders.text is null)")
         tokens = self.text.tokenize(texts)
@@ -342,7 +344,12 @@ class VLPModel(nn.Module):
             return self._report_embeddings(tokens["input_ids"], tokens["attention_mask"])
         if kind == "sentence":
             return self._sentence_embeddings(tokens["input_ids"], tokens["attention_mask"])
-        raise ValueError(f"encode_text kind must be 'report' or 'sentence', got {kind!r}")
+        if kind == "words":
+            if "report_words" not in self.heads:
+                raise ValueError("the model has no word features (model.word_dim is not set)")
+            states, words = self.text.encode_words(tokens["input_ids"], tokens["attention_mask"])
+            return self.heads["report_words"](states) * words[..., None]
+        raise ValueError(f"encode_text kind must be 'report', 'sentence' or 'words', got {kind!r}")
 
     def image_parameters(self, encoder: str | None = None) -> list[nn.Parameter]:
         """Parameters that form an image encoder's features: the encoder and its heads

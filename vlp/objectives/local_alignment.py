@@ -56,6 +56,22 @@ class LocalAlignmentConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
+def _attended_contexts(words: torch.Tensor, regions: torch.Tensor, attention_temperature: float):
+    """Words ``…×L×D`` and regions ``…×R×D`` (leading dimensions broadcast) →
+    (attention ``a_lr`` …×L×R, ``cos(w_l, v_l)`` …×L) with ``v_l = Σ_r a_lr c_r``.
+
+    ``cos(w, v) = (Σ_r a_r w·c_r) / ‖Σ_r a_r c_r‖`` with ‖w‖ = 1, and ``‖v‖² = aᵀ(C Cᵀ)a``,
+    so no tensor of contexts (…×L×D) is materialised."""
+    w = F.normalize(words.float(), dim=-1)
+    c = F.normalize(regions.float(), dim=-1)
+    similarity = w @ c.transpose(-1, -2)  # cos(w_l, c_r)
+    attention = torch.softmax(attention_temperature * similarity, dim=-1)
+    gram = c @ c.transpose(-1, -2)
+    norm_sq = ((attention @ gram) * attention).sum(-1)
+    cosine = (attention * similarity).sum(-1) / norm_sq.clamp_min(1e-12).sqrt()
+    return attention, cosine
+
+
 def region_word_scores(
     words: torch.Tensor,
     word_mask: torch.Tensor,
@@ -66,17 +82,32 @@ def region_word_scores(
     """``R(i, j)`` of the module docstring for every report i and image j: ``Bt×Bi``.
 
     ``words`` Bt×L×D with ``word_mask`` Bt×L; ``regions`` Bi×R×D."""
-    w = F.normalize(words.float(), dim=-1)
-    c = F.normalize(regions.float(), dim=-1)
-    similarity = torch.einsum("ild,jrd->ijlr", w, c)  # cos(w_il, c_jr)
-    attention = torch.softmax(attention_temperature * similarity, dim=-1)
-    # cos(w, v) = (Σ_r a_r w·c_r) / ‖Σ_r a_r c_r‖ with ‖w‖ = 1.
-    numerator = (attention * similarity).sum(-1)
-    gram = torch.einsum("jrd,jsd->jrs", c, c)
-    norm_sq = torch.einsum("ijlr,jrs,ijls->ijl", attention, gram, attention)
-    cosine = numerator / norm_sq.clamp_min(1e-12).sqrt()
+    _, cosine = _attended_contexts(words[:, None], regions[None], attention_temperature)
     logits = (word_temperature * cosine).masked_fill(~word_mask[:, None, :], float("-inf"))
     return torch.logsumexp(logits, dim=-1) / word_temperature
+
+
+def word_region_maps(
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    regions: torch.Tensor,
+    attention_temperature: float,
+    word_temperature: float,
+) -> torch.Tensor:
+    """Where text t looks in its own image t: ``T×R`` region weights (each row sums to 1).
+
+    ``words`` T×L×D with ``word_mask`` T×L; ``regions`` T×R×D (the image of each text).
+    The map is the attention ``a_tlr`` of the module docstring averaged over the words with
+    the weights the smooth maximum gives them, ``softmax_l(γ2 · cos(w_tl, v_tl))`` (the
+    gradient of ``R`` with respect to each word's term): the regions the score ``R(t, t)``
+    is made of. GLoRIA localises with the same word-attention maps (Huang et al. 2021,
+    §4.4); a text without words gives a uniform map."""
+    attention, cosine = _attended_contexts(words, regions, attention_temperature)
+    logits = (word_temperature * cosine).masked_fill(~word_mask, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row of -inf: no words
+    maps = torch.einsum("tl,tlr->tr", weights, attention)
+    empty = ~word_mask.any(1)
+    return torch.where(empty[:, None], torch.full_like(maps, 1 / maps.shape[1]), maps)
 
 
 @register("objective", "local_alignment", config=LocalAlignmentConfig)
@@ -110,6 +141,15 @@ class LocalAlignmentObjective(Objective):
         with torch.no_grad():
             metrics = {"t2i_top1": (logits.argmax(1) == queries).float().mean()}
         return ObjectiveOutput({"local": loss}, metrics)
+
+    def scorer(self):
+        from vlp.objectives.scoring import WordRegionScorer
+
+        return WordRegionScorer(
+            self.config.attention_temperature,
+            self.config.word_temperature,
+            self.config.logit_scale,
+        )
 
 
 # ---------------------------------------------------------------- Med-ST's weighted variant

@@ -10,9 +10,12 @@ only this interface and never name an objective. Three scorers cover today's obj
 * :class:`GlobalCriticScorer` — a global MI critic ``T(image, text)`` (Liao et al. 2021).
 * :class:`LocalCriticScorer` — a sentence–region critic pooled over regions as the
   objective pools it (Liao et al. 2021, Eq. 5); its region scores are the grounding map.
+* :class:`WordRegionScorer` — the report's words attending over the image's regions
+  (GLoRIA, Huang et al. 2021; BioViL-L's local loss): the smooth maximum over words of
+  each word's agreement with its attended context; its region map is that attention.
 
 A scorer also says which text space it reads (``text_kind``: ``report`` or ``sentence``
-embeddings) and how a class's prompts are ensembled (``prompt_ensemble``: ``embedding``, the
+embeddings, or ``words``: projected word features, padded with zero vectors) and how a class's prompts are ensembled (``prompt_ensemble``: ``embedding``, the
 mean of the embeddings as BioViL does, for scores linear in the text embedding; ``score``,
 the mean of the per-prompt scores, for critics that are not).
 """
@@ -24,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-TEXT_KINDS = ("report", "sentence")
+TEXT_KINDS = ("report", "sentence", "words")
 
 
 class Scorer:
@@ -130,3 +133,52 @@ class LocalCriticScorer(Scorer):
             {"image_local": image["image_local"]}, text.repeat(batch, 1), index
         )
         return self.pool(regions.view(batch, prompts, -1))
+
+
+def unpack_words(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``words``-kind texts ``P×L×D`` → (words, mask ``P×L``): padding is a zero vector
+    (``VLPModel.encode_text(kind="words")``), a projected real word never is."""
+    return text, text.abs().amax(-1) > 0
+
+
+class WordRegionScorer(Scorer):
+    """The local alignment's score (``vlp.objectives.local_alignment``): ``R(text, image)``,
+    word features attending over the image's regions; region maps are that attention
+    weighted over the words (:func:`~vlp.objectives.local_alignment.word_region_maps`)."""
+
+    text_kind = "words"
+    image_keys = ("image_local",)
+
+    def __init__(self, attention_temperature: float, word_temperature: float, logit_scale: float):
+        self.attention_temperature = float(attention_temperature)
+        self.word_temperature = float(word_temperature)
+        self.logit_scale = float(logit_scale)
+        self.description = (
+            "word-region attention (local alignment: smooth maximum over the words of each "
+            "word's cosine with its region-attended context)"
+        )
+
+    @property
+    def has_regions(self) -> bool:
+        return True
+
+    def scores(self, image, text):
+        from vlp.objectives.local_alignment import region_word_scores
+
+        words, mask = unpack_words(text)
+        scores = region_word_scores(
+            words, mask, image["image_local"], self.attention_temperature, self.word_temperature
+        )
+        return scores.T  # B images × P texts
+
+    def region_scores(self, image, text, index):
+        from vlp.objectives.local_alignment import word_region_maps
+
+        words, mask = unpack_words(text)
+        return word_region_maps(
+            words,
+            mask,
+            image["image_local"][index],
+            self.attention_temperature,
+            self.word_temperature,
+        )
