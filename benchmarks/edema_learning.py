@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launch import DEMO_IMAGE_TOWER, DEMO_TEXT_TOWER, export, pretrain  # noqa: E402
+from launch import DEMO_IMAGE_TOWER, DEMO_TEXT_TOWER, export, pretrain, with_ci  # noqa: E402
 
 COMMON = [
     DEMO_IMAGE_TOWER,
@@ -87,14 +87,6 @@ def summarise(results: dict) -> dict:
     row["accuracy"] = results["accuracy"]
     row["confusion"] = results["confusion"]
     return row
-
-
-def cell(entry: dict) -> str:
-    value = entry["value"]
-    ci = entry.get("ci")
-    if ci and all(c == c for c in ci):
-        return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
-    return f"{value:.3f}"
 
 
 def main() -> None:
@@ -157,7 +149,11 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(cell(row[m]) for m in METRICS) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(with_ci(row[m]["value"], row[m].get("ci")) for m in METRICS)
+            + " |"
+        )
     text = "\n".join(lines)
     (out / "edema_learning.md").write_text(text + "\n")
     print(text)

@@ -3,6 +3,7 @@ subprocess (resumable: a rerun picks up where it stopped) and export a checkpoin
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,13 @@ def export(run_dir: Path, step: int | None, out: Path) -> Path:
     if not (out / "model.safetensors").is_file():
         export_run(run_dir, out, step=step)
     return out
+
+
+def with_ci(value, ci=None) -> str:
+    """A table cell: ``0.123 [0.10, 0.15]``; the value alone when the interval is missing
+    or not finite; ``n/a`` without a value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if ci and all(c is not None and math.isfinite(c) for c in ci):
+        return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return f"{value:.3f}"

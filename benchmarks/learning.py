@@ -68,6 +68,8 @@ import math
 import time
 from pathlib import Path
 
+from launch import with_ci
+
 LOCAL = "{name: local_mi, weight: 1.0, estimator: %s}"
 GLOBAL = "{name: global_mi, weight: 1.0, estimator: %s}"
 CLIP = [
@@ -148,13 +150,7 @@ COLUMNS = (
 
 
 def _cell(entry: dict, column: str) -> str:
-    value = entry["metrics"].get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    ci = entry.get("intervals", {}).get(column)
-    if ci and all(isinstance(v, float) and math.isfinite(v) for v in ci):
-        return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
-    return f"{value:.3f}"
+    return with_ci(entry["metrics"].get(column), entry.get("intervals", {}).get(column))
 
 
 def table_markdown(table: dict, header: str) -> str:

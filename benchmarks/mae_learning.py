@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launch import export, pretrain  # noqa: E402
+from launch import export, pretrain, with_ci  # noqa: E402
 
 OVERRIDES = [
     "data.image_size=256",
@@ -83,9 +83,9 @@ def main() -> None:
     )
 
     def cell(encoder: str) -> str:
-        value = probe[encoder]["mean_auroc"]["10%"]
-        low, high = probe[encoder]["mean_auroc_ci"]["10%"]["ci"]
-        return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+        return with_ci(
+            probe[encoder]["mean_auroc"]["10%"], probe[encoder]["mean_auroc_ci"]["10%"]["ci"]
+        )
 
     first = sum(v for _, v in points[:3]) / 3
     last = sum(v for _, v in points[-3:]) / 3

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launch import export, pretrain  # noqa: E402
+from launch import export, pretrain, with_ci  # noqa: E402
 from mae_learning import OVERRIDES as MAE_OVERRIDES  # noqa: E402
 
 ALIGN_OVERRIDES = [
@@ -114,10 +114,6 @@ def main() -> None:
             for key in ("10%", "100%")
         }
 
-    def cell(entry: dict) -> str:
-        low, high = entry["ci"]
-        return f"{entry['mean_auroc']:.3f} [{low:.2f}, {high:.2f}]"
-
     lines = [
         f"Phantom seed 0 (train split; probes tested on the test split), batch 16, 6-block "
         f"ViT-Tiny with 32-px patches at 256 px. MAE: 75 % hidden, lr 1.5e-4. Alignment: "
@@ -131,9 +127,10 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, entry in results.items():
+        few, full = entry["10%"], entry["100%"]
         lines.append(
-            f"| {name} | {cell(entry['10%'])} | {entry['10%']['mean_accuracy']:.3f} | "
-            f"{cell(entry['100%'])} | {entry['100%']['mean_accuracy']:.3f} |"
+            f"| {name} | {with_ci(few['mean_auroc'], few['ci'])} | {few['mean_accuracy']:.3f} | "
+            f"{with_ci(full['mean_auroc'], full['ci'])} | {full['mean_accuracy']:.3f} |"
         )
     text = "\n".join(lines)
     (out / "mae_llama_learning.md").write_text(text + "\n")

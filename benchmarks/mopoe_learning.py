@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from launch import export, pretrain  # noqa: E402
+from launch import export, pretrain, with_ci  # noqa: E402
 
 OVERRIDES = [
     "data.image_size=64",
@@ -33,15 +33,6 @@ OVERRIDES = [
     "decoder_width: 16, max_text_tokens: 64}]",
     "train.log_every=20",
 ]
-
-
-def cell(entry: dict) -> str:
-    value, (low, high) = entry["value"], entry["ci"]
-    if value is None:
-        return "n/a"
-    if low is None or high is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
 def main() -> None:
@@ -89,9 +80,10 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, entry in results["subsets"].items():
+        mean_ap, on_all = entry["mean_ap"], entry["mean_ap_all_modalities"]
         lines.append(
-            f"| {name} | {cell(entry['mean_ap'])} | {entry['train_studies']} "
-            f"| {entry['test_studies']} | {cell(entry['mean_ap_all_modalities'])} |"
+            f"| {name} | {with_ci(mean_ap['value'], mean_ap['ci'])} | {entry['train_studies']} "
+            f"| {entry['test_studies']} | {with_ci(on_all['value'], on_all['ci'])} |"
         )
     figures = sorted(
         (run_dir / "figures").glob("mopoe_samples_step-*.png"),

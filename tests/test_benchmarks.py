@@ -22,6 +22,17 @@ def test_every_script_is_listed():
     assert "learning_efficiency.py" in SCRIPTS
 
 
+def test_table_cells_show_the_interval_only_when_it_is_finite():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from launch import with_ci
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert with_ci(0.51234, [0.4, 0.6]) == "0.512 [0.40, 0.60]"
+    assert with_ci(0.5, None) == with_ci(0.5, [math.nan, 0.6]) == with_ci(0.5, [None, 1]) == "0.500"
+    assert with_ci(None) == with_ci(math.nan, [0.1, 0.2]) == "n/a"
+
+
 def test_learning_efficiency_threshold_and_crossing():
     """The threshold both curves reach and the interpolated time to it."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

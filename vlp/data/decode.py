@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 
 from vlp.data import schema
+from vlp.data.convert.images import to_grayscale
 from vlp.data.reports import split_sentences
 from vlp.data.requirements import Requirements, beyond_generic
 from vlp.data.transforms import (
@@ -87,19 +88,6 @@ def generic_study_id(key: str) -> int:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:15], 16)
 
 
-def _grayscale(img: Image.Image) -> Image.Image:
-    """8-bit grayscale; 16-bit and float images scaled by their own range (PIL's
-    ``convert("L")`` would clip them), the rule of vlp.data.convert.images."""
-    if img.mode == "L":
-        return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(img, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) * (255.0 / (high - low)) if high > low else array * 0.0
-        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-    return img.convert("L")
-
-
 def decode_radiograph(
     data: bytes,
     out_size: int,
@@ -130,7 +118,7 @@ def decode_radiograph(
             img.draft("L", (need, need))  # JPEG only: a no-op for PNG and WebP
             draft_scale = max(1, round(width / img.size[0]))
             img.load()
-            gray = _grayscale(img)
+            gray = to_grayscale(img)
             box = crop_box(gray.size[0], gray.size[1], augment, rng)
             resized = gray.resize((out_size, out_size), Image.Resampling.BILINEAR, box=box)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

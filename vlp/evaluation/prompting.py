@@ -50,13 +50,13 @@ def open_grayscale(path: str | os.PathLike) -> Image.Image:
     """A PNG/JPEG/... or DICOM file as an 8-bit grayscale PIL image, as the converter
     stores it (16-bit images min–max scaled; DICOM through its modality and VOI LUTs)."""
     from vlp.data.convert.dicom import is_dicom_file, read_display_pixels
-    from vlp.data.convert.images import _to_grayscale
+    from vlp.data.convert.images import to_grayscale
 
     if is_dicom_file(str(path)):
         return Image.fromarray(read_display_pixels(str(path)))
     with Image.open(path) as image:
         image.load()
-        return _to_grayscale(image).copy()
+        return to_grayscale(image).copy()
 
 
 def prompt_columns(prompts: list[str], prompt_file: str | None) -> tuple[list[str], list]:

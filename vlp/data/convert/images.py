@@ -43,7 +43,10 @@ def target_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _to_grayscale(image: Image.Image) -> Image.Image:
+def to_grayscale(image: Image.Image) -> Image.Image:
+    """8-bit grayscale; 16-bit and float images scaled by their own range (PIL's
+    ``convert("L")`` would clip them). The converter, the loader's decoder and the
+    zero-shot tool all read pixels through this one rule."""
     if image.mode == "L":
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -75,7 +78,7 @@ def load_resized(path: str, long_side: int) -> tuple[Image.Image, tuple[int, int
             # at least ``new_size``; a 2500×3000 JPEG decodes at 625×750 for 512 px.
             image.draft("L", new_size)
         image.load()
-        gray = _to_grayscale(image)
+        gray = to_grayscale(image)
         if gray.size != new_size:
             gray = gray.resize(new_size, RESAMPLE)
         elif gray is image:
