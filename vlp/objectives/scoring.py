@@ -2,7 +2,7 @@
 
 An objective that defines an image–text score exposes it as a :class:`Scorer`
 (``Objective.scorer()``); zero-shot classification, retrieval and phrase grounding call
-only this interface and never name an objective. Three scorers cover today's objectives:
+only this interface and never name an objective. Four scorers cover today's objectives:
 
 * :class:`CosineScorer` — cosine of projected embeddings (CLIP, Radford et al. 2021;
   BioViL, Boecking et al. 2022): global image vs text for image-level scores, each local
@@ -15,9 +15,10 @@ only this interface and never name an objective. Three scorers cover today's obj
   each word's agreement with its attended context; its region map is that attention.
 
 A scorer also says which text space it reads (``text_kind``: ``report`` or ``sentence``
-embeddings, or ``words``: projected word features, padded with zero vectors) and how a class's prompts are ensembled (``prompt_ensemble``: ``embedding``, the
-mean of the embeddings as BioViL does, for scores linear in the text embedding; ``score``,
-the mean of the per-prompt scores, for critics that are not).
+embeddings, or ``words``: projected word features padded with zero vectors) and how a
+class's prompts are ensembled (``prompt_ensemble``: ``embedding``, the mean of the
+embeddings as BioViL does, for scores linear in the text embedding; ``score``, the mean of
+the per-prompt scores, for critics and attention that are not).
 """
 
 from __future__ import annotations
