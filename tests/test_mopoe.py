@@ -266,6 +266,34 @@ def test_a_batch_without_laterals_trains_and_leaves_the_lateral_side_alone():
     assert float(sum(again.losses.values())) == pytest.approx(float(loss), rel=1e-6)
 
 
+def test_figure_samples_are_decoded_only_on_steps_that_end_at_a_checkpoint():
+    """The trainer marks the steps that end at a regular checkpoint; only those forwards
+    decode the figure's samples (the training module passes the mark to its objectives),
+    and a stop between checkpoints draws nothing stale."""
+    from types import SimpleNamespace
+
+    from vlp.training.module import PretrainingModule
+    from vlp.training.trainer import checkpoint_due
+
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(every=3), train=SimpleNamespace(steps=7))
+    assert [s for s in range(1, 8) if checkpoint_due(s, cfg)] == [3, 6, 7]
+
+    class Features(torch.nn.Module):  # the model's part: the features, ready made
+        def encode(self, batch, needed):
+            return _features(4)
+
+    objective = _objective()
+    module = PretrainingModule(Features(), {"mopoe": objective}, {"mopoe": 1.0})
+    batch = _batch([True, False, True, True])
+    module.record_figures = False
+    module(batch)
+    assert objective._last is None and objective.write_figures("unused", 1) == []
+    module.record_figures = True
+    module(batch)
+    assert set(objective._last) >= {"real frontal", "frontal from text"}
+    assert objective._last["real frontal"].shape[0] == 4
+
+
 def test_a_mixed_batch_reconstructs_the_lateral_of_the_studies_that_have_one():
     objective = _objective()
     batch = _batch([True, False, True])

@@ -68,6 +68,12 @@ class Objective(nn.Module):
     logit scales) live in the objective.
     """
 
+    #: keep what :meth:`write_figures` draws from this forward. The training module sets
+    #: it from the trainer, true only on the steps that end at a checkpoint, so work done
+    #: for a figure (MoPoE decodes samples) is not repeated every step; a forward outside
+    #: the trainer keeps it.
+    record_figures: bool = True
+
     def __init__(self, config, dims: FeatureDims):
         super().__init__()
         self.config = config

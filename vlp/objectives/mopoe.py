@@ -488,7 +488,7 @@ class MoPoEObjective(Objective):
         metrics["kl"] = kl_mean.detach()
         metrics["lateral_present"] = present_f[:, 1].mean().detach()
         metrics["subsets_per_sample"] = valid.float().sum(1).mean().detach()
-        if self.config.figure_samples:
+        if self.config.figure_samples and self.record_figures:
             self._remember(batch, experts, present)
         return ObjectiveOutput(losses, metrics)
 

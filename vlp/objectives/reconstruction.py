@@ -67,7 +67,7 @@ class MAEObjective(Objective):
         goal = normalize_patches(target) if self.config.norm_pix_loss else target
         per_patch = (prediction.float() - goal).pow(2).mean(-1)
         loss = (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
-        if self.config.figure_samples:
+        if self.config.figure_samples and self.record_figures:
             n = self.config.figure_samples
             self._last = {
                 "prediction": prediction[:n].detach().float().cpu(),

@@ -166,7 +166,7 @@ class M2Objective(Objective):
                 else h.new_zeros(()),
                 "q_entropy_unlabelled": -(q * log_q).sum(-1).mean() if n_free else h.new_zeros(()),
             }
-            if len(lab["mean"]):
+            if len(lab["mean"]) and self.record_figures:
                 self._last = {
                     "target": target[known][:4].detach().cpu(),
                     "mean": lab["mean"][:4].detach().cpu(),

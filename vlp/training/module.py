@@ -36,6 +36,9 @@ class PretrainingModule(nn.Module):
         #: the optimizer step being computed (0-based); the trainer sets it before each
         #: forward, so objectives with a ``start_step`` join at the right step, resume too.
         self.step = 0
+        #: whether this step ends at a checkpoint, whose figures the objectives then keep
+        #: (``Objective.record_figures``); the trainer sets it, true outside training.
+        self.record_figures = True
         # A function of the objectives' configs: computed once, not every step.
         self.needed_features = frozenset().union(
             *(o.required_features for o in self.objectives.values())
@@ -49,6 +52,7 @@ class PretrainingModule(nn.Module):
         total = None
         logs: dict[str, torch.Tensor] = {}
         for name, objective in self.objectives.items():
+            objective.record_figures = self.record_figures
             out = objective(features, batch)
             weight = self.objective_weights[name]
             if self.step < self.start_steps[name]:

@@ -100,6 +100,12 @@ def _write_objective_figures(module, folder: Path, step: int) -> None:
             LOG.warning("objective %s: figure at step %d failed: %s", name, step, err)
 
 
+def checkpoint_due(step: int, cfg: RecipeConfig) -> bool:
+    """Whether optimizer step ``step`` (1-based) ends with a regular checkpoint: every
+    ``checkpoint.every`` steps and at the last (a stop adds one wherever it comes)."""
+    return step % cfg.checkpoint.every == 0 or step == cfg.train.steps
+
+
 def _free_port() -> int:
     import socket
 
@@ -577,6 +583,8 @@ def pretrain(
             data_wait = 0.0
             logs_sum: dict[str, float] = {}
             engine.train()
+            due = checkpoint_due(at, cfg)
+            engine.module.record_figures = due  # the checkpoint's figures draw this step
             skipped = None  # "loss" or "gradients": the step changed no weight
             for _ in range(accum):
                 t_data = time.perf_counter()
@@ -683,10 +691,10 @@ def pretrain(
             monitor.step(step, scalars)
             _check_skipped(cfg.data, scalars, loader, step)
 
-            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
+            if due or stop:
                 checkpoint.save(engine, run_dir, step, trainer_state(), cfg.checkpoint.keep)
                 LOG.info("checkpoint step-%d saved", step)
-                if rank == 0:
+                if rank == 0 and due:  # a stop between checkpoints kept no figure to draw
                     _write_objective_figures(engine.module, run_dir / "figures", step)
             if out_of_time and not preempted:
                 LOG.warning(
