@@ -255,6 +255,27 @@ def test_grounding(setup):
     _png_ok(out / "grounding_overlays.png")
 
 
+def test_a_scorer_the_model_lacks_and_data_without_studies_stop_in_one_line(
+    setup, tmp_path, capsys
+):
+    root, shards, checkpoint = setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "shard-000.tar").write_bytes(b"")
+    cases = [
+        (["grounding", "--data", str(shards / "train"), "--scorer", "nope"],
+         "scorer: the model has no objective 'nope' (it has ["),
+        (["zero-shot", "--data", str(empty)], f"{empty}: no readable study"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        code = vlp_main(["eval", *args, "--checkpoint", checkpoint, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        lines = [line for line in err.splitlines() if "error" in line]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith(f"vlp eval: error: {expected}"), lines
+
+
 def test_temporal(setup):
     results, table, out = _eval(setup, "temporal", "train")
     assert results["with_prior"] > 0

@@ -373,6 +373,7 @@ def _version() -> str:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from vlp.config.loader import ConfigError
     from vlp.data.loader import TooManySkipped
+    from vlp.evaluation.features import EvaluationInputError
     from vlp.training.checkpoint import CheckpointWriteError, WorldSizeChanged
     from vlp.training.trainer import CollectiveFailed, NonFiniteLoss
 
@@ -385,6 +386,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         CheckpointWriteError,
         CollectiveFailed,
         WorldSizeChanged,
+        EvaluationInputError,
     )
 
 

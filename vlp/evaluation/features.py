@@ -39,6 +39,12 @@ from vlp.data.shards import resolve_shards
 CACHE_FORMAT = 1
 
 
+class EvaluationInputError(ValueError):
+    """What a user asked an evaluator for cannot be done (an objective the model lacks or
+    one without the needed score, data without a readable study): ``vlp eval`` prints it
+    in one line, exit 2."""
+
+
 # --------------------------------------------------------------------------- data paths
 
 
@@ -174,12 +180,14 @@ def scorer_of(model, objective: str | None = None, regions: bool = False):
     objectives = dict(getattr(model, "objectives", {}).items())
     if objective is not None:
         if objective not in objectives:
-            raise ValueError(
+            raise EvaluationInputError(
                 f"scorer: the model has no objective {objective!r} (it has {sorted(objectives)})"
             )
         found = objectives[objective].scorer()
         if found is None:
-            raise ValueError(f"scorer: objective {objective!r} defines no image-text score")
+            raise EvaluationInputError(
+                f"scorer: objective {objective!r} defines no image-text score"
+            )
         return found
     scorers = [s for s in (o.scorer() for o in objectives.values()) if s is not None]
     if regions:
@@ -197,14 +205,14 @@ def predictor_of(model, field: str, objective: str | None = None):
     objectives = dict(getattr(model, "objectives", {}).items())
     names = [objective] if objective is not None else list(objectives)
     if objective is not None and objective not in objectives:
-        raise ValueError(
+        raise EvaluationInputError(
             f"classifier: the model has no objective {objective!r} (it has {sorted(objectives)})"
         )
     for name in names:
         found = objectives[name].predictor()
         if found is not None and found.field == field:
             return found
-    raise ValueError(
+    raise EvaluationInputError(
         f"classifier: no objective of the recipe ({sorted(objectives) or 'none'}) trains a "
         f"{field} classifier; use the probe instead"
     )
@@ -389,7 +397,9 @@ def extract_features(
         severity.append(batch["edema_severity"][:, 0])
     model.train(was_training)
     if not keys:
-        raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")
+        raise EvaluationInputError(
+            f"{data}: no readable study (skipped {loader.stats.samples_skipped})"
+        )
     stats = loader.stats
     if stats.samples_skipped:
         # Counted as in training: per reason and per shard, never dropped silently.

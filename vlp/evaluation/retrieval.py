@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
 from vlp.evaluation.features import (
+    EvaluationInputError,
     cache_folder,
     eval_loader,
     extract_features,
@@ -105,7 +106,7 @@ def evaluate(
     out = Path(out)
     scorer = scorer_of(model, objective)
     if scorer.text_kind not in ("report", "sentence"):
-        raise ValueError(
+        raise EvaluationInputError(
             f"retrieval: the score of objective {objective!r} reads {scorer.text_kind} "
             "features; retrieval ranks report or sentence embeddings (choose another --objective)"
         )
@@ -186,7 +187,9 @@ def _score_images(model, data, scorer, batch_size: int, texts_for):
         rows.append(scorer.scores(feats, texts_for(feats)).float())
         metas += batch["meta"]
     if not rows:
-        raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")
+        raise EvaluationInputError(
+            f"{data}: no readable study (skipped {loader.stats.samples_skipped})"
+        )
     return torch.cat(rows), (metas, loader.stats.samples_skipped)
 
 
@@ -206,7 +209,9 @@ def _sentence_report_scores(model, data, scorer, batch_size: int):
             owner += [count] * len(sentences)
             count += 1
     if not count:
-        raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")
+        raise EvaluationInputError(
+            f"{data}: no readable study (skipped {loader.stats.samples_skipped})"
+        )
     embedded = text_embeddings(model, texts, "sentence").to(device)
     owner_t = torch.tensor(owner, device=device)
     # Mean over each report's sentences: a count-normalised S→N sum.

@@ -39,6 +39,7 @@ from vlp.data.schema import CHEXPERT_LABELS
 from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
 from vlp.evaluation.features import (
+    EvaluationInputError,
     eval_loader,
     image_features,
     model_device,
@@ -183,7 +184,9 @@ def score_split(model, data, scorer: PromptScorer, batch_size: int, desc: str) -
         labels.append(batch["labels"][:, 0].numpy())
         keys += batch["keys"]
     if not keys:
-        raise ValueError(f"{data}: no readable study (skipped {loader.stats.samples_skipped})")
+        raise EvaluationInputError(
+            f"{data}: no readable study (skipped {loader.stats.samples_skipped})"
+        )
     split = scored_split(scorer, prompt_rows, group_rows, labels)
     return {**split, "keys": keys, "skipped": loader.stats.samples_skipped}
 
