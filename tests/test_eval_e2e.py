@@ -282,6 +282,16 @@ def test_temporal(setup):
     assert "pleural_effusion" in results["macro_accuracy"]
     assert "| pleural_effusion |" in table
     _png_ok(out / "confusion.png")
+    # Undefined findings (too few pairs) are null in the JSON and left out of the mean.
+    values = [v["value"] for v in results["macro_accuracy"].values()]
+    defined = [v for v in values if v is not None and v == v]
+    assert results["mean_macro_accuracy"] == pytest.approx(sum(defined) / len(defined))
+    # liblinear's iteration limit, counted per finding instead of warned per fold.
+    assert set(results["folds_not_converged"]) == set(results["folds"])
+    for finding, unconverged in results["folds_not_converged"].items():
+        assert 0 <= unconverged <= results["folds"][finding]
+    low, high = results["mean_macro_accuracy_ci"]
+    assert low <= results["mean_macro_accuracy"] <= high
     # The confusion matrices hold every evaluated pair once, by its true class (rows).
     assert results["confusion"]
     for finding, matrix in results["confusion"].items():

@@ -46,6 +46,35 @@ def test_point_metrics_equal_sklearn(rng):
     )
 
 
+def test_temporal_mean_macro_accuracy_is_the_mean_of_each_findings_balanced_accuracy(rng):
+    from vlp.evaluation.temporal import mean_macro_accuracy
+
+    targets = rng.integers(0, 3, size=(200, 4))
+    predictions = rng.integers(0, 3, size=(200, 4))
+    targets[rng.uniform(size=targets.shape) < 0.4] = -1  # unlabelled (study, finding)
+    targets[:, 3] = -1  # a finding nobody is labelled for is left out
+    expected = np.mean(
+        [
+            balanced_accuracy_score(
+                targets[targets[:, k] >= 0, k], predictions[targets[:, k] >= 0, k]
+            )
+            for k in range(3)
+        ]
+    )
+    assert mean_macro_accuracy(targets, predictions) == pytest.approx(expected, abs=1e-12)
+    # Its interval resamples studies (rows), every finding of a study together.
+    result = metrics.with_ci(mean_macro_accuracy, targets, predictions, n_resamples=100, seed=3)
+    low, high = result["ci"]
+    assert low < result["value"] < high
+    by_hand = [
+        mean_macro_accuracy(targets[rows], predictions[rows])
+        for rows in metrics.bootstrap_indices(200, 100, 3)
+    ]
+    assert [low, high] == pytest.approx(np.percentile(by_hand, [2.5, 97.5]), abs=1e-12)
+    with pytest.raises(metrics.MetricUndefined):
+        mean_macro_accuracy(np.full((5, 2), -1), np.zeros((5, 2), int))
+
+
 def test_auroc_undefined_and_bad_labels():
     with pytest.raises(metrics.MetricUndefined):
         metrics.auroc([1, 1, 1], [0.1, 0.2, 0.3])

@@ -9,17 +9,20 @@ on standardised features), and the score the k-fold cross-validated macro-accura
 per-class recall) per finding, over the studies of ``data`` that have a prior and a
 progression label. Folds are stratified and seeded; k is ``folds`` (Med-ST: 5 and 10),
 lowered to the smallest class count when a class has fewer studies (at least 2). The CI is
-a bootstrap over the out-of-fold predictions.
+a bootstrap over the out-of-fold predictions; the mean over findings has its own, from one
+bootstrap over the studies shared by every finding (findings of one study resample
+together, since their predictions come from the same embeddings).
 
 Needs shards converted with ``--priors 1`` (the ``prior1.frontal.jpg`` member).
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from pathlib import Path
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -50,8 +53,10 @@ def progression_targets(meta: list[dict], prior_mask: np.ndarray, finding: str):
     return np.asarray(rows, dtype=int), np.asarray(targets, dtype=int)
 
 
-def cross_validated_predictions(x, y, folds: int, seed: int) -> tuple[np.ndarray, int]:
-    """Out-of-fold LinearSVC predictions; returns ``(predictions, folds used)``."""
+def cross_validated_predictions(x, y, folds: int, seed: int) -> tuple[np.ndarray, int, int]:
+    """Out-of-fold LinearSVC predictions; returns ``(predictions, folds used, folds whose
+    SVM did not converge)``. With more feature dimensions than pairs liblinear often stops
+    at its iteration limit; that is counted in the results rather than warned per fold."""
     counts = np.bincount(y)
     k = int(min(folds, counts[counts > 0].min()))
     if k < 2 or (counts > 0).sum() < 2:
@@ -60,7 +65,28 @@ def cross_validated_predictions(x, y, folds: int, seed: int) -> tuple[np.ndarray
         )
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     model = make_pipeline(StandardScaler(), LinearSVC(random_state=seed, max_iter=10000))
-    return cross_val_predict(model, x, y, cv=splitter), k
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        predicted = cross_val_predict(model, x, y, cv=splitter)
+    unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return predicted, k, unconverged
+
+
+def mean_macro_accuracy(targets: np.ndarray, predictions: np.ndarray) -> float:
+    """Mean over findings (columns) of the macro-accuracy on the rows labelled for each;
+    ``targets`` is -1 where a study has no label for a finding. Columns without a label
+    are left out; raises :class:`metrics.MetricUndefined` when none is left."""
+    values = [
+        metrics.macro_accuracy(targets[labelled, k], predictions[labelled, k])
+        for k in range(targets.shape[1])
+        if (labelled := targets[:, k] >= 0).any()
+    ]
+    if not values:
+        raise metrics.MetricUndefined("no finding has a labelled study")
+    return float(np.mean(values))
 
 
 def evaluate(
@@ -107,14 +133,19 @@ def evaluate(
         "macro_accuracy": {},
         "counts": {},
         "folds": {},
+        "folds_not_converged": {},
     }
     rows, confusions = [], {}
-    for finding in PROGRESSION_FINDINGS:
+    # Study × finding targets and out-of-fold predictions (-1: unlabelled or undefined),
+    # for the mean's joint bootstrap.
+    all_targets = np.full((len(pairs), len(PROGRESSION_FINDINGS)), -1)
+    all_predicted = np.full_like(all_targets, -1)
+    for column, finding in enumerate(PROGRESSION_FINDINGS):
         sel, y = progression_targets(feats.meta, feats.prior_mask, finding)
         counts = {c: int((y == k).sum()) for k, c in enumerate(PROGRESSION_CLASSES)}
         results["counts"][finding] = counts
         try:
-            predicted, k = cross_validated_predictions(pairs[sel], y, folds, seed)
+            predicted, k, unconverged = cross_validated_predictions(pairs[sel], y, folds, seed)
         except metrics.MetricUndefined as exc:
             results["macro_accuracy"][finding] = {
                 "value": float("nan"),
@@ -125,6 +156,8 @@ def evaluate(
             rows.append([finding, *counts.values(), "", results["macro_accuracy"][finding]])
             continue
         results["folds"][finding] = k
+        results["folds_not_converged"][finding] = unconverged
+        all_targets[sel, column], all_predicted[sel, column] = y, predicted
         results["macro_accuracy"][finding] = metrics.with_ci(
             metrics.macro_accuracy, y, predicted, n_resamples=bootstrap, seed=seed
         )
@@ -133,9 +166,17 @@ def evaluate(
         confusions[finding] = np.array(
             [[int(((y == t) & (predicted == p)).sum()) for p in classes] for t in classes]
         )
-    defined = [v["value"] for v in results["macro_accuracy"].values() if not math.isnan(v["value"])]
-    results["mean_macro_accuracy"] = float(np.mean(defined)) if defined else float("nan")
-    rows.append(["mean", "", "", "", "", results["mean_macro_accuracy"]])
+    labelled = (all_targets >= 0).any(1)
+    mean = metrics.with_ci(
+        mean_macro_accuracy,
+        all_targets[labelled],
+        all_predicted[labelled],
+        n_resamples=bootstrap,
+        seed=seed,
+    )
+    results["mean_macro_accuracy"] = mean["value"]
+    results["mean_macro_accuracy_ci"] = mean["ci"]
+    rows.append(["mean", "", "", "", "", mean])
     tables = [
         Table(
             "Progression classification (cross-validated)",
