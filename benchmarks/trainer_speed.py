@@ -62,9 +62,11 @@ SMALL_CLIP = [
 # ----------------------------------------------------------------------------- data
 
 
-def ensure_phantom_shards(work: Path, patients: int, shard_size: int = 50, seed: int = 0) -> Path:
+def ensure_phantom_shards(
+    work: Path, patients: int, shard_size: int = 50, seed: int = 0, priors: int = 0
+) -> Path:
     """Phantom studies (phantom ``seed``) converted at 256 px into ``work/shards`` (built
-    once); returns train/."""
+    once), with ``priors`` prior studies per sample; returns train/."""
     shards = work / "shards"
     if (shards / "train" / "manifest.json").is_file():
         return shards / "train"
@@ -75,7 +77,7 @@ def ensure_phantom_shards(work: Path, patients: int, shard_size: int = 50, seed:
     print(f"building phantom shards: {patients} patients at 256 px into {shards}", flush=True)
     generate(raw, PhantomConfig(patients=patients, seed=seed, image_size=256))
     workers = max(1, (os.cpu_count() or 1) - 1)  # the converter CLI's default
-    options = ConvertOptions(image_size=256, shard_size=shard_size, workers=workers)
+    options = ConvertOptions(image_size=256, shard_size=shard_size, workers=workers, priors=priors)
     convert_mimic(raw, shards, options, quiet=True)
     return shards / "train"
 

@@ -80,3 +80,19 @@ def test_local_mi_memory_runs_and_its_two_losses_agree():
     assert proc.returncode == 0, proc.stderr[-2000:]
     difference = float(proc.stdout.rsplit("the losses differ by ", 1)[1].split()[0])
     assert difference < 1e-4, proc.stdout
+
+
+def test_learning_refuses_the_training_phantom_as_its_evaluation_phantom(tmp_path):
+    """The temporal and lateral-only figures must come from patients nobody trained on."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--out", str(tmp_path)]
+        + ["--eval-seed", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--eval-seed 0 is the training phantom" in proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything was built
