@@ -163,6 +163,7 @@ def test_readme_examples_run_in_order(tmp_path):
         "export-hf",
         "zero-shot",
         "grounding",
+        "temporal",
         "zero-shot-images",
     ]
     for name in ("recipes", "tools"):
@@ -200,5 +201,7 @@ def test_readme_examples_run_in_order(tmp_path):
     assert (hf / "README.md").is_file() and (
         tmp_path / "runs" / "debug" / "export" / "README.md"
     ).is_file()
+    temporal = json.loads((tmp_path / "runs/debug/eval-temporal/results.json").read_text())
+    assert temporal["with_prior"] > 0 and temporal["embedding"] == "pair"
     grounding = json.loads((tmp_path / "runs/debug/eval-grounding/results.json").read_text())
     assert grounding["similarity"].startswith("local MI critic")

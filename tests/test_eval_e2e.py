@@ -87,9 +87,10 @@ def setup(tmp_path_factory):
     return root, shards, checkpoint
 
 
-def _eval(setup, task: str, data: str, *extra: str) -> tuple[dict, str, object]:
+def _eval(setup, task: str, data: str, *extra: str, name: str | None = None):
+    """``vlp eval TASK`` into ``root/(name or TASK)``; returns (results, table, out)."""
     root, shards, checkpoint = setup
-    out = root / task
+    out = root / (name or task)
     code = vlp_main(
         [
             "eval",
@@ -274,6 +275,55 @@ def test_a_scorer_the_model_lacks_and_data_without_studies_stop_in_one_line(
         lines = [line for line in err.splitlines() if "error" in line]
         assert len(lines) == 1 and "Traceback" not in err, err
         assert lines[0].startswith(f"vlp eval: error: {expected}"), lines
+
+
+def test_temporal_current_embedding_is_an_svm_on_the_current_embedding_alone(setup):
+    """``--embedding current``: each finding's macro-accuracy equals scikit-learn's
+    balanced accuracy of a LinearSVC cross-validated by hand on the cached current-study
+    embeddings alone (the cache read here with numpy, not through vlp)."""
+    import numpy as np
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    results, table, out = _eval(
+        setup, "temporal", "train", "--embedding", "current", name="temporal_current"
+    )
+    assert results["embedding"] == "current"
+    assert "current-study" in results["protocol"] and "current-study" in table
+    (cache,) = (out / "cache").glob("features-*.npz")
+    with np.load(cache, allow_pickle=False) as arrays:
+        x, has_prior = arrays["image_global"], arrays["prior_mask"]
+        meta = json.loads(arrays["sidecar"].tobytes().decode())["meta"]
+    classes = ["improving", "stable", "worsening"]
+    checked = 0
+    for finding, entry in results["macro_accuracy"].items():
+        if finding not in results["folds"]:
+            continue
+        rows = [
+            i
+            for i, m in enumerate(meta)
+            if has_prior[i] and ((m.get("labels") or {}).get("progression") or {}).get(finding)
+        ]
+        y = np.array([classes.index(meta[i]["labels"]["progression"][finding]) for i in rows])
+        folds = StratifiedKFold(results["folds"][finding], shuffle=True, random_state=0)
+        svm = make_pipeline(StandardScaler(), LinearSVC(random_state=0, max_iter=10000))
+        predicted = cross_val_predict(svm, x[rows], y, cv=folds)
+        assert entry["value"] == pytest.approx(balanced_accuracy_score(y, predicted)), finding
+        checked += 1
+    assert checked > 0
+
+
+def test_temporal_embedding_must_be_pair_or_current(setup, capsys):
+    root, shards, checkpoint = setup
+    argv = ["eval", "temporal", "--checkpoint", checkpoint, "--data", str(shards / "train")]
+    with pytest.raises(SystemExit) as refused:
+        vlp_main([*argv, "--out", str(root / "temporal_refused"), "--embedding", "both"])
+    assert refused.value.code == 2
+    assert "--embedding: invalid choice: 'both'" in capsys.readouterr().err
+    assert not (root / "temporal_refused").exists()
 
 
 def test_temporal(setup):

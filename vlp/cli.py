@@ -198,7 +198,13 @@ def _add_eval_parsers(parser: argparse.ArgumentParser) -> None:
             if f.type in (bool, "bool"):
                 p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             else:
-                p.add_argument(flag, dest=f.name, default=f.default, help=help_text)
+                p.add_argument(
+                    flag,
+                    dest=f.name,
+                    default=f.default,
+                    choices=f.metadata.get("choices"),
+                    help=help_text,
+                )
 
 
 SCORER_HELP_CLI = (

@@ -5,7 +5,8 @@ docstring is the command's one-line help), and a
 runner ``run(options, model, data, out, **common) -> dict`` where ``common`` holds the
 options every evaluator takes (``figures``, ``seed``, ``bootstrap``, ``batch_size``). Each
 options field becomes a ``vlp eval NAME --flag`` (the field name with dashes, or
-``metadata["flag"]``; its help text is ``metadata["help"]``). ``model`` is the training
+``metadata["flag"]``; its help text is ``metadata["help"]``, its allowed values
+``metadata["choices"]``). ``model`` is the training
 module that ``vlp.training.export.load_model`` rebuilds (the model and the objectives whose
 scorers the evaluators call); evaluators read views and priors from the model's
 requirements, never an objective's name.
@@ -95,6 +96,16 @@ class GroundingOptions:
 @dataclass
 class TemporalOptions:
     """temporal progression (improved/stable/worsened) from current and prior images"""
+
+    embedding: str = field(
+        default="pair",
+        metadata={
+            "choices": ("pair", "current"),
+            "help": "pair: the SVM reads [current, prior] embeddings (Med-ST's protocol); "
+            "current: the current study's embedding alone, which a multi-image encoder "
+            "(biovil_t) fuses with the prior: what the embedding itself holds of the change",
+        },
+    )
 
 
 register("evaluator", "zero-shot", config=ZeroShotOptions)(_builtin("zero_shot"))

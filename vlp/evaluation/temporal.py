@@ -13,6 +13,12 @@ a bootstrap over the out-of-fold predictions; the mean over findings has its own
 bootstrap over the studies shared by every finding (findings of one study resample
 together, since their predictions come from the same embeddings).
 
+``embedding="current"`` gives the SVM the current study's embedding alone, on the same
+studies: a single-image encoder then sees nothing of the prior and reads progression only
+through what the present state implies, while a multi-image encoder (BioViL-T's, Bannur et
+al. 2023, whose fused embedding is meant to carry the change itself) sees its fusion of
+the two. The gap between the two settings is what the fused embedding holds of the change.
+
 Needs shards converted with ``--priors 1`` (the ``prior1.frontal.jpg`` member).
 """
 
@@ -31,8 +37,11 @@ from sklearn.svm import LinearSVC
 from vlp.data.schema import PROGRESSION_CLASSES, PROGRESSION_FINDINGS
 from vlp.evaluation import figures as plots
 from vlp.evaluation import metrics
-from vlp.evaluation.features import cache_folder, extract_features
+from vlp.evaluation.features import EvaluationInputError, cache_folder, extract_features
 from vlp.evaluation.report import Table, write_results
+
+#: what the SVM reads per study, as the protocol line names it.
+EMBEDDINGS = {"pair": "[current, prior]", "current": "current-study (no prior concatenated)"}
 
 
 def progression_targets(meta: list[dict], prior_mask: np.ndarray, finding: str):
@@ -100,12 +109,19 @@ def evaluate(
     bootstrap: int = 1000,
     batch_size: int = 32,
     cache_dir=None,
+    embedding: str = "pair",
 ) -> dict:
     """Cross-validated progression macro-accuracy per finding; writes results into ``out``.
+
+    ``embedding`` is ``pair`` ([current, prior]) or ``current`` (module docstring).
 
     Features are cached in ``cache_dir`` (default ``out/cache``), keyed by the model's
     weights and the data, so evaluators sharing a cache folder extract them once.
     """
+    if embedding not in EMBEDDINGS:
+        raise EvaluationInputError(
+            f"temporal: embedding must be one of {sorted(EMBEDDINGS)}, got {embedding!r}"
+        )
     out = Path(out)
     feats = extract_features(
         model,
@@ -119,14 +135,18 @@ def evaluate(
         raise ValueError(
             f"{data}: no study has a prior1.frontal.jpg; convert the shards with --priors 1"
         )
-    pairs = np.concatenate([feats.image_global, feats.prior_global], 1)
+    if embedding == "pair":
+        pairs = np.concatenate([feats.image_global, feats.prior_global], 1)
+    else:
+        pairs = feats.image_global
     results: dict = {
         "task": "temporal",
         "data": str(data),
         "samples": len(feats),
         "with_prior": int(feats.prior_mask.sum()),
         "skipped_samples": feats.skipped,
-        "protocol": f"LinearSVC on standardised [current, prior] global embeddings, "
+        "embedding": embedding,
+        "protocol": f"LinearSVC on standardised {EMBEDDINGS[embedding]} global embeddings, "
         f"stratified {folds}-fold CV (seed {seed}), macro-accuracy",
         "seed": seed,
         "bootstrap": bootstrap,
