@@ -50,7 +50,9 @@ the studies of its train split (480 patients).
 
 Every arm is also evaluated on temporal progression (``vlp eval temporal``: a linear SVM
 on [current, prior] global embeddings, cross-validated macro-accuracy per finding, and
-their mean with an interval from one bootstrap over the studies).
+their mean with an interval from one bootstrap over the studies), and with the same SVM on
+the current study's embedding alone (``--embedding current``): a single-image encoder then
+knows nothing of the prior, BioViL-T's fused embedding whatever its fusion kept of it.
 
 Every arm is also probed for the phantom's **lateral-only finding** (a small pleural
 effusion, severity 1, drawn on the lateral view only): a logistic probe on the global image
@@ -73,6 +75,7 @@ progression; ``move`` beats ``clip`` and ``clip_vit`` on the lateral-only findin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -139,6 +142,9 @@ WORD_CNR = "grounding mean CNR, local objective's map"
 #: the progression findings the phantom labels (pneumonia: an infectious consolidation).
 TEMPORAL_FINDINGS = ("pleural_effusion", "edema", "consolidation", "pneumonia", "pneumothorax")
 TEMPORAL_MEAN = "temporal mean macro-accuracy"
+#: the same SVM on the current study's embedding alone (``--embedding current``): what the
+#: embedding itself holds of the change (BioViL-T's fused embedding, vs. none for CLIP's).
+TEMPORAL_CURRENT = "temporal mean macro-accuracy, current embedding alone"
 COLUMNS = (
     "zero-shot AUROC Pleural Effusion",
     "zero-shot AUROC Cardiomegaly",
@@ -157,6 +163,7 @@ COLUMNS = (
     "edema ordinal AUC 012v3",
     *(f"temporal macro-accuracy {f}" for f in TEMPORAL_FINDINGS),
     TEMPORAL_MEAN,
+    TEMPORAL_CURRENT,
     LATERAL_ONLY,
 )
 
@@ -181,6 +188,35 @@ def table_markdown(table: dict, header: str) -> str:
     return "\n".join(lines)
 
 
+def temporal_progression(export: Path, data: Path, eval_dir: Path, bootstrap: int):
+    """``vlp eval temporal`` twice on one feature cache: the [current, prior] pair (Med-ST's
+    protocol) into ``eval_dir/temporal`` and the current-study embedding alone into
+    ``eval_dir/temporal_current``; returns both results."""
+    from vlp.evaluation import pick_device, temporal
+    from vlp.training.export import load_model
+
+    model, _ = load_model(export, device=pick_device())
+    cache = eval_dir / "temporal" / "cache"
+    return tuple(
+        temporal.evaluate(
+            model, data, eval_dir / folder, bootstrap=bootstrap, cache_dir=cache, embedding=kind
+        )
+        for kind, folder in (("pair", "temporal"), ("current", "temporal_current"))
+    )
+
+
+@functools.cache
+def effusion_severity(phantom: Path) -> dict[str, int]:
+    """Study id → pleural-effusion severity (0 when absent) from the phantom's truth, read
+    once per phantom however many arms are probed."""
+    from vlp.data.phantom import read_truth
+
+    return {
+        str(r["study_id"]): r["findings"].get("pleural_effusion", {}).get("severity", 0)
+        for r in read_truth(phantom)
+    }
+
+
 def lateral_only_probe(
     export: Path, train: tuple[Path, Path], test: tuple[Path, Path], cache: Path, bootstrap: int
 ):
@@ -188,7 +224,6 @@ def lateral_only_probe(
     ``train`` and ``test`` are (shard split folder, phantom folder) pairs."""
     import numpy as np
 
-    from vlp.data.phantom import read_truth
     from vlp.evaluation import metrics
     from vlp.evaluation.features import extract_features
     from vlp.evaluation.linear_probe import fit_probe
@@ -197,10 +232,7 @@ def lateral_only_probe(
     model, _ = load_model(export)
 
     def rows(shards: Path, phantom: Path):
-        severity = {
-            str(r["study_id"]): r["findings"].get("pleural_effusion", {}).get("severity", 0)
-            for r in read_truth(phantom)
-        }
+        severity = effusion_severity(phantom)
         feats = extract_features(model, shards, cache_dir=cache, desc=f"{shards} features")
         sev = np.array([severity[str(m["study_id"])] for m in feats.meta])
         lateral = np.array([m.get("lateral") is not None for m in feats.meta])
@@ -265,12 +297,8 @@ def main() -> None:
             chance = json.loads(retrieval.read_text()).get("chance_R@5")
             metrics, cis = dict(summary["metrics"]), dict(summary["intervals"])
             elapsed = summary["elapsed_s"]
-        temporal = run_evaluator(
-            "temporal",
-            export,
-            eval_shards,
-            out / name / "eval" / "temporal",
-            bootstrap=p.bootstrap,
+        temporal, current = temporal_progression(
+            export, eval_shards, out / name / "eval", p.bootstrap
         )
         for finding in TEMPORAL_FINDINGS:
             entry = temporal["macro_accuracy"].get(finding, {})
@@ -278,6 +306,8 @@ def main() -> None:
             cis[f"temporal macro-accuracy {finding}"] = entry.get("ci")
         metrics[TEMPORAL_MEAN] = temporal["mean_macro_accuracy"]
         cis[TEMPORAL_MEAN] = temporal["mean_macro_accuracy_ci"]
+        metrics[TEMPORAL_CURRENT] = current["mean_macro_accuracy"]
+        cis[TEMPORAL_CURRENT] = current["mean_macro_accuracy_ci"]
         lateral = lateral_only_probe(
             export,
             (shards / "train", out / "phantom"),
@@ -297,6 +327,9 @@ def main() -> None:
             )
             metrics[WORD_CNR], cis[WORD_CNR] = local["mean_cnr"]["value"], local["mean_cnr"]["ci"]
         print(f"{LATERAL_ONLY}: {lateral}", flush=True)
+        # Re-read before writing: another invocation (other --only arms) may have saved
+        # its arms meanwhile; only this arm's entry is replaced.
+        table = json.loads(saved.read_text()) if saved.is_file() else {}
         table[name] = {
             "metrics": metrics,
             "intervals": cis,
