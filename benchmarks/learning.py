@@ -188,14 +188,12 @@ def table_markdown(table: dict, header: str) -> str:
     return "\n".join(lines)
 
 
-def temporal_progression(export: Path, data: Path, eval_dir: Path, bootstrap: int):
+def temporal_progression(model, data: Path, eval_dir: Path, bootstrap: int):
     """``vlp eval temporal`` twice on one feature cache: the [current, prior] pair (Med-ST's
     protocol) into ``eval_dir/temporal`` and the current-study embedding alone into
     ``eval_dir/temporal_current``; returns both results."""
-    from vlp.evaluation import pick_device, temporal
-    from vlp.training.export import load_model
+    from vlp.evaluation import temporal
 
-    model, _ = load_model(export, device=pick_device())
     cache = eval_dir / "temporal" / "cache"
     return tuple(
         temporal.evaluate(
@@ -218,7 +216,7 @@ def effusion_severity(phantom: Path) -> dict[str, int]:
 
 
 def lateral_only_probe(
-    export: Path, train: tuple[Path, Path], test: tuple[Path, Path], cache: Path, bootstrap: int
+    model, train: tuple[Path, Path], test: tuple[Path, Path], cache: Path, bootstrap: int
 ):
     """AUROC of a logistic probe for the small (lateral-only) effusion (module docstring);
     ``train`` and ``test`` are (shard split folder, phantom folder) pairs."""
@@ -227,9 +225,6 @@ def lateral_only_probe(
     from vlp.evaluation import metrics
     from vlp.evaluation.features import extract_features
     from vlp.evaluation.linear_probe import fit_probe
-    from vlp.training.export import load_model
-
-    model, _ = load_model(export)
 
     def rows(shards: Path, phantom: Path):
         severity = effusion_severity(phantom)
@@ -266,7 +261,8 @@ def main() -> None:
         parser.error("--eval-seed 0 is the training phantom; the evaluation needs another")
 
     from vlp.demo import _phantom_shards, plan, run_demo
-    from vlp.evaluation import run_evaluator
+    from vlp.evaluation import pick_device, run_evaluator
+    from vlp.training.export import load_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,8 +293,10 @@ def main() -> None:
             chance = json.loads(retrieval.read_text()).get("chance_R@5")
             metrics, cis = dict(summary["metrics"]), dict(summary["intervals"])
             elapsed = summary["elapsed_s"]
+        # One load of the export serves the temporal evaluation and the lateral probe.
+        model, _ = load_model(export, device=pick_device())
         temporal, current = temporal_progression(
-            export, eval_shards, out / name / "eval", p.bootstrap
+            model, eval_shards, out / name / "eval", p.bootstrap
         )
         for finding in TEMPORAL_FINDINGS:
             entry = temporal["macro_accuracy"].get(finding, {})
@@ -309,7 +307,7 @@ def main() -> None:
         metrics[TEMPORAL_CURRENT] = current["mean_macro_accuracy"]
         cis[TEMPORAL_CURRENT] = current["mean_macro_accuracy_ci"]
         lateral = lateral_only_probe(
-            export,
+            model,
             (shards / "train", out / "phantom"),
             (eval_shards, evaluation / "phantom"),
             out / name / "eval" / "cache",

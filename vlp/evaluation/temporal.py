@@ -136,9 +136,9 @@ def evaluate(
             f"{data}: no study has a prior1.frontal.jpg; convert the shards with --priors 1"
         )
     if embedding == "pair":
-        pairs = np.concatenate([feats.image_global, feats.prior_global], 1)
+        inputs = np.concatenate([feats.image_global, feats.prior_global], 1)
     else:
-        pairs = feats.image_global
+        inputs = feats.image_global
     results: dict = {
         "task": "temporal",
         "data": str(data),
@@ -158,14 +158,14 @@ def evaluate(
     rows, confusions = [], {}
     # Study × finding targets and out-of-fold predictions (-1: unlabelled or undefined),
     # for the mean's joint bootstrap.
-    all_targets = np.full((len(pairs), len(PROGRESSION_FINDINGS)), -1)
+    all_targets = np.full((len(inputs), len(PROGRESSION_FINDINGS)), -1)
     all_predicted = np.full_like(all_targets, -1)
     for column, finding in enumerate(PROGRESSION_FINDINGS):
         sel, y = progression_targets(feats.meta, feats.prior_mask, finding)
         counts = {c: int((y == k).sum()) for k, c in enumerate(PROGRESSION_CLASSES)}
         results["counts"][finding] = counts
         try:
-            predicted, k, unconverged = cross_validated_predictions(pairs[sel], y, folds, seed)
+            predicted, k, unconverged = cross_validated_predictions(inputs[sel], y, folds, seed)
         except metrics.MetricUndefined as exc:
             results["macro_accuracy"][finding] = {
                 "value": float("nan"),
