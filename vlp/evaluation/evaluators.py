@@ -93,6 +93,15 @@ class GroundingOptions:
     objective: str | None = field(default=None, metadata={"flag": "--scorer", "help": SCORER_HELP})
 
 
+#: what the temporal SVM reads per study (``--embedding``), with the words the results'
+#: protocol line uses for it; here rather than in ``temporal`` so that the option's choices
+#: are known without importing scikit-learn (``vlp --help``).
+TEMPORAL_EMBEDDINGS = {
+    "pair": "[current, prior]",
+    "current": "current-study (no prior concatenated)",
+}
+
+
 @dataclass
 class TemporalOptions:
     """temporal progression (improved/stable/worsened) from current and prior images"""
@@ -100,7 +109,7 @@ class TemporalOptions:
     embedding: str = field(
         default="pair",
         metadata={
-            "choices": ("pair", "current"),
+            "choices": tuple(TEMPORAL_EMBEDDINGS),
             "help": "pair: the SVM reads [current, prior] embeddings (Med-ST's protocol); "
             "current: the current study's embedding alone, which a multi-image encoder "
             "(biovil_t) fuses with the prior: what the embedding itself holds of the change",
