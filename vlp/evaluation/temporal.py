@@ -5,13 +5,14 @@ pleural effusion, pneumonia, pneumothorax), whether it is improving, stable or w
 between a study and its prior. Following Med-ST's protocol (Yang et al., ICML 2024,
 ``temporal_test.py``): the feature of a pair is ``[emb(current), emb(prior)]`` (global image
 embeddings of the frozen encoder), the classifier a linear SVM (scikit-learn ``LinearSVC``
-on standardised features, solved to its optimum: :func:`cross_validated_predictions`), and the score the k-fold cross-validated macro-accuracy (mean
-per-class recall) per finding, over the studies of ``data`` that have a prior and a
-progression label. Folds are stratified and seeded; k is ``folds`` (Med-ST: 5 and 10),
-lowered to the smallest class count when a class has fewer studies (at least 2). The CI is
-a bootstrap over the out-of-fold predictions; the mean over findings has its own, from one
-bootstrap over the studies shared by every finding (findings of one study resample
-together, since their predictions come from the same embeddings).
+on standardised features, solved to its optimum: :func:`cross_validated_predictions`), and
+the score the k-fold cross-validated macro-accuracy (mean per-class recall) per finding,
+over the studies of ``data`` that have a prior and a progression label. Folds are
+stratified and seeded; k is ``folds`` (Med-ST: 5 and 10), lowered to the smallest class
+count when a class has fewer studies (at least 2). The CI is a bootstrap over the
+out-of-fold predictions; the mean over findings has its own, from one bootstrap over the
+studies shared by every finding (findings of one study resample together, since their
+predictions come from the same embeddings).
 
 ``embedding="current"`` gives the SVM the current study's embedding alone, on the same
 studies: a single-image encoder then sees nothing of the prior and reads progression only
