@@ -222,6 +222,11 @@ def effusion_severity(phantom: Path) -> dict[str, int]:
     }
 
 
+def read_table(saved: Path) -> dict:
+    """The arms measured so far (``learning.json``), empty before the first."""
+    return json.loads(saved.read_text()) if saved.is_file() else {}
+
+
 def lateral_only_probe(
     model, train: tuple[Path, Path], test: tuple[Path, Path], cache: Path, bootstrap: int
 ):
@@ -280,7 +285,7 @@ def main() -> None:
         evaluation, args.eval_patients, shard_size=100, seed=args.eval_seed, priors=1
     )
     saved = out / "learning.json"
-    table = json.loads(saved.read_text()) if saved.is_file() else {}
+    table = read_table(saved)
     for name in args.only:
         print(f"\n##### arm {name} #####", flush=True)
         export = out / name / "run" / "export"
@@ -334,7 +339,7 @@ def main() -> None:
         print(f"{LATERAL_ONLY}: {lateral}", flush=True)
         # Re-read before writing: another invocation (other --only arms) may have saved
         # its arms meanwhile; only this arm's entry is replaced.
-        table = json.loads(saved.read_text()) if saved.is_file() else {}
+        table = read_table(saved)
         table[name] = {
             "metrics": metrics,
             "intervals": cis,

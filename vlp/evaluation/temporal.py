@@ -154,8 +154,8 @@ def evaluate(
         "with_prior": int(feats.prior_mask.sum()),
         "skipped_samples": feats.skipped,
         "embedding": embedding,
-        "protocol": f"LinearSVC on standardised {TEMPORAL_EMBEDDINGS[embedding]} global embeddings, "
-        f"stratified {folds}-fold CV (seed {seed}), macro-accuracy",
+        "protocol": f"LinearSVC on standardised {TEMPORAL_EMBEDDINGS[embedding]} global "
+        f"embeddings, stratified {folds}-fold CV (seed {seed}), macro-accuracy",
         "seed": seed,
         "bootstrap": bootstrap,
         "macro_accuracy": {},
