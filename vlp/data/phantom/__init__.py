@@ -8,8 +8,10 @@ acquisition and tables.
 
 #: Version of what the generator draws and writes; bumped whenever the same config and seed
 #: would give other images or reports, so cached phantoms (``vlp.data.phantom_cache``, the
-#: demo's) are rebuilt. 2: small effusions are drawn on the lateral view only.
-PHANTOM_VERSION = 2
+#: demo's) are rebuilt. 2: small effusions are drawn on the lateral view only. 3: the
+#: progression findings have a continuous level within their grade, and progression is
+#: labelled from its change.
+PHANTOM_VERSION = 3
 
 from vlp.data.phantom.generate import (  # noqa: E402
     TRUTH_FILE,

@@ -13,6 +13,14 @@ stationary probability is the configured prevalence, so the prevalence holds per
 whatever the number of studies; while present, the severity does a +-1 random walk, so
 consecutive studies carry signal (improving / stable / worsening / new / resolved).
 
+Continuous level. MS-CXR-T's progression findings (``CONTINUOUS_FINDINGS``: effusion,
+edema, consolidation, pneumothorax) also carry an ``extent`` in [0, 1) within their grade:
+the finding's ``level`` is severity + extent - 0.5, so grade g spans [g - 0.5, g + 0.5).
+They are drawn at their level, not only their grade, and their course is a walk of the
+level (steps of ``LEVEL_STEP``), so about half the changes stay within one grade. Like
+radiologists' "slightly increased" in MS-CXR-T (Bannur et al., CVPR 2023), such a change is
+seen by comparing the two images, not from either image's grade alone.
+
 Appearance follows the radiographic signs (e.g. Felson's *Principles of Chest
 Roentgenology*): effusion fills the costophrenic angle first with a meniscus rising
 laterally (posterior sulcus on the lateral view), and a small one (severity 1) is drawn on
@@ -91,6 +99,29 @@ def _sides(side: str) -> list[int]:
 
 # ---------------------------------------------------------------- course over time
 
+#: Findings with a continuous level within their grade (module docstring).
+CONTINUOUS_FINDINGS: tuple[str, ...] = (
+    "pleural_effusion",
+    "edema",
+    "consolidation",
+    "pneumothorax",
+)
+#: Range of one step of a continuous finding's level when it worsens or improves (grades).
+LEVEL_STEP = (0.25, 0.75)
+#: A step the grade range cuts shorter than this leaves the level unchanged (stable).
+MIN_LEVEL_CHANGE = 0.15
+
+
+def level(f: dict | None) -> float:
+    """A finding's continuous level: severity + extent - 0.5 (0 when absent).
+
+    A finding without an ``extent`` (the other types, hand-written findings) sits mid-grade,
+    at its severity.
+    """
+    if f is None:
+        return 0.0
+    return f["severity"] + f["params"].get("extent", 0.5) - 0.5
+
 
 def _onset(kind: str, rng: np.random.Generator) -> dict:
     """A newly appearing finding: its fixed attributes and a starting severity."""
@@ -140,6 +171,8 @@ def _onset(kind: str, rng: np.random.Generator) -> dict:
     elif kind == "fracture":
         f["side"] = "left" if u() < 0.5 else "right"
         f["params"] = {"rib": int(rng.integers(4, 9)), "d": u(0.19, 0.27), "shift": u(-0.3, 0.3)}
+    if kind in CONTINUOUS_FINDINGS:
+        f["params"]["extent"] = round(float(u()), 3)
     return f
 
 
@@ -150,6 +183,17 @@ def _evolve(f: dict, rng: np.random.Generator) -> dict:
     if f["type"] == "support_devices":
         return g
     r = rng.uniform()
+    if f["type"] in CONTINUOUS_FINDINGS:
+        if r >= 0.5:
+            return g
+        step = float(rng.uniform(*LEVEL_STEP)) * (1 if r < 0.25 else -1)
+        # The level stays within the grades: [0.5, top + 0.5).
+        new = round(min(max(level(f) + step, 0.5), top + 0.499), 3)
+        if abs(new - level(f)) < MIN_LEVEL_CHANGE:
+            return g
+        g["severity"] = min(top, max(1, int(np.floor(new + 0.5))))
+        g["params"]["extent"] = round(new + 0.5 - g["severity"], 3)
+        return g
     if r < 0.25:
         g["severity"] = min(top, f["severity"] + 1)
     elif r < 0.5:
@@ -189,6 +233,21 @@ def heart_scale(findings: dict) -> float:
 
 
 # ---------------------------------------------------------------- drawing
+
+
+def _graded(f: dict, values: tuple[float, ...]) -> float:
+    """A size given per grade (``values[g - 1]``), read at the finding's continuous level.
+
+    Linear between grades; beyond the first and last grade (the lower half of grade 1, the
+    upper half of the top grade) at half the neighbouring slope, so the smallest finding
+    keeps a visible size.
+    """
+    x, top = level(f), len(values)
+    if x < 1:
+        return values[0] + 0.5 * (x - 1) * (values[1] - values[0])
+    if x > top:
+        return values[-1] + 0.5 * (x - top) * (values[-1] - values[-2])
+    return float(np.interp(x, np.arange(1, top + 1), values))
 
 
 @lru_cache(maxsize=32)
@@ -256,17 +315,17 @@ def _effusion(c: Canvas, f: dict, k: float) -> None:
     if c.view == "frontal" and f["severity"] <= LATERAL_ONLY_EFFUSION:
         return
     lung_h = a.base_y - a.apex_y
-    frac = {1: 0.07, 2: 0.2, 3: 0.38}[f["severity"]] * f["params"]["height"]
+    frac = _graded(f, (0.07, 0.2, 0.38)) * f["params"]["height"]
     men = f["params"]["meniscus"]
-    soft = 0.015 + 0.01 * f["severity"]
+    soft = 0.015 + 0.01 * level(f)
     if c.view == "frontal":
         for s in _sides(f["side"]):
             xin, xout = a.cx + s * a.mediastinum, a.cx + s * (a.half_width + 0.01)
             top = a.base_y - frac * lung_h - 0.05
             sl, x, y = c.sub((min(xin, xout), top, max(xin, xout), a.base_y + 0.02))
             t = np.clip(s * (x - a.cx) / a.half_width, 0.0, 1.0)
-            level = a.base_y - frac * lung_h * (1.0 - men + men * t * t)
-            fluid = ramp(y - level, soft) * c.lung(s)[sl]
+            surface = a.base_y - frac * lung_h * (1.0 - men + men * t * t)
+            fluid = ramp(y - surface, soft) * c.lung(s)[sl]
             c.add(sl, fluid * (0.9 * c.air[sl] + 0.04) * k, extent=fluid, thr=0.1)
     else:
         n = len(_sides(f["side"]))
@@ -275,23 +334,24 @@ def _effusion(c: Canvas, f: dict, k: float) -> None:
         sl, x, y = c.sub((x0, top, a.lat_back + 0.05, a.base_y + 0.08))
         t = np.clip((x - x0) / (a.lat_back - x0), 0.0, 1.0)
         floor = anat.lateral_diaphragm_y(a, x) + 0.04
-        level = floor - (0.04 + frac * lung_h) * (0.3 + 0.7 * t * t)
-        fluid = ramp(y - level, soft) * c.lung(None)[sl] * ramp(x - x0 - 0.04, 0.08)
+        surface = floor - (0.04 + frac * lung_h) * (0.3 + 0.7 * t * t)
+        fluid = ramp(y - surface, soft) * c.lung(None)[sl] * ramp(x - x0 - 0.04, 0.08)
         c.add(sl, fluid * (0.5 + 0.25 * n) * (c.air[sl] + 0.04) * k, extent=fluid, thr=0.1)
 
 
 def _edema(c: Canvas, f: dict, k: float) -> None:
-    a, sev = c.a, f["severity"]
+    # The grade decides the signs (Kerley lines from 2 on); the level, their size.
+    a, sev, lvl = c.a, f["severity"], level(f)
     tex = _texture(f["params"]["seed"], c.h, c.w)
     # Vascular congestion: all vessels more prominent, the upper-zone ones most.
     upper = np.clip(1.3 - (c.y - a.apex_y) / (a.base_y - a.apex_y), 0.3, 1.3)
-    c.density += (0.16 * 0.15 * sev * k) * c.layers.vessels * upper
-    amp = {1: 0.06, 2: 0.12, 3: 0.3}[sev] * k
+    c.density += (0.16 * 0.15 * lvl * k) * c.layers.vessels * upper
+    amp = _graded(f, (0.06, 0.12, 0.3)) * k
     if c.view == "frontal":
         centres = anat.hila_centres(a)
         for s, (hx, hy) in zip((-1, 1), centres):
-            r = 0.07 + 0.03 * sev
-            cx = hx + s * 0.03 * sev
+            r = 0.07 + 0.03 * lvl
+            cx = hx + s * 0.03 * lvl
             sl, x, y = c.sub((cx - r - 0.03, hy - 1.3 * r, cx + r + 0.03, hy + 1.3 * r))
             haze = dome(ellipse(x, y, cx, hy, r, 1.25 * r)) * c.lung(s)[sl]
             patch = haze * (0.6 + 0.4 * tex[sl]) * (c.air[sl] + 0.05) * amp / 0.5
@@ -325,7 +385,7 @@ def _edema(c: Canvas, f: dict, k: float) -> None:
                 c.add(sl, patch)
     else:
         cx, cy = anat.lateral_point(a, 0.45, 0.48)
-        r = 0.1 + 0.03 * sev
+        r = 0.1 + 0.03 * lvl
         sl, x, y = c.sub((cx - r, cy - 1.2 * r, cx + r, cy + 1.2 * r))
         haze = dome(ellipse(x, y, cx, cy, r, 1.2 * r)) * c.lung(None)[sl]
         c.add(sl, haze * (0.6 + 0.4 * tex[sl]) * (c.air[sl] + 0.05) * amp / 0.4)
@@ -339,7 +399,7 @@ def _lobe_centre(c: Canvas, f: dict) -> tuple[float, float]:
 
 def _consolidation(c: Canvas, f: dict, k: float) -> None:
     cx, cy = _lobe_centre(c, f)
-    r = {1: 0.05, 2: 0.075, 3: 0.1}[f["severity"]] * (0.8 if c.view == "lateral" else 1.0)
+    r = _graded(f, (0.05, 0.075, 0.1)) * (0.8 if c.view == "lateral" else 1.0)
     tex = _texture(f["params"]["seed"], c.h, c.w)
     sl, x, y = c.sub((cx - r, cy - 1.2 * r, cx + r, cy + 1.2 * r))
     blob = dome(ellipse(x, y, cx, cy, r, 1.2 * r, f["params"]["angle"])) ** 0.6
@@ -348,7 +408,7 @@ def _consolidation(c: Canvas, f: dict, k: float) -> None:
     fine = anat.parenchyma(f["params"]["seed"], c.h, c.w)[sl]
     patchy = np.clip((blob + 0.5 * tex[sl] + 0.3 * fine - 0.75) * 2.5, 0.0, 1.0)
     patch = patchy * c.lung(s)[sl]
-    amp = (0.55 + 0.1 * f["severity"]) * k
+    amp = (0.55 + 0.1 * level(f)) * k
     c.add(sl, patch * (c.air[sl] + 0.04) * amp, extent=patch)
 
 
@@ -373,7 +433,7 @@ def _nodule(c: Canvas, f: dict, k: float) -> None:
 
 def _pneumothorax(c: Canvas, f: dict, k: float) -> None:
     a = c.a
-    gap = {1: 0.022, 2: 0.045, 3: 0.08}[f["severity"]]
+    gap = _graded(f, (0.022, 0.045, 0.08))
     if c.view == "frontal":
         s = _sign(f["side"])
         xin, xout = a.cx + s * a.mediastinum, a.cx + s * (a.half_width + 0.01)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from vlp.data.phantom.acquisition import Acquisition, sample_acquisition
 from vlp.data.phantom.anatomy import Anatomy, sample_anatomy
-from vlp.data.phantom.findings import DEFAULT_PREVALENCE, FINDING_TYPES, sample_course
+from vlp.data.phantom.findings import DEFAULT_PREVALENCE, FINDING_TYPES, level, sample_course
 from vlp.data.phantom.render import PatientRenderer
 from vlp.data.phantom.reports import exam_name, status_of, write_report
 from vlp.data.phantom.tables import write_tables
@@ -112,19 +112,20 @@ def _ids(config: PhantomConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return subjects, studies.reshape(config.patients, config.max_studies), split
 
 
-def _severity(findings: dict, name: str) -> int:
-    """Severity of an MS-CXR-T progression finding (0 when absent)."""
+def _level(findings: dict, name: str) -> float:
+    """Continuous level of an MS-CXR-T progression finding (0 when absent)."""
     if name == "pneumonia":
         f = findings.get("consolidation")
-        return f["severity"] if f is not None and f["params"].get("infectious") else 0
-    f = findings.get(name)
-    return 0 if f is None else f["severity"]
+        return level(f) if f is not None and f["params"].get("infectious") else 0.0
+    return level(findings.get(name))
 
 
 def progression(now: dict, before: dict) -> dict[str, str | None]:
+    """MS-CXR-T labels of a study against its prior, from the change of each finding's
+    continuous level (``findings.level``): a change within one grade counts."""
     out = {}
     for name in PROGRESSION_FINDINGS:
-        a, b = _severity(before, name), _severity(now, name)
+        a, b = _level(before, name), _level(now, name)
         if a == 0 and b == 0:
             out[name] = None
         else:

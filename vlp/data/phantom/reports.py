@@ -5,11 +5,11 @@ record for every sentence which findings it describes and with which polarity.
 
 Language. Each finding has several noun-phrase forms (side, lobe, severity words) placed
 in sentence frames for a first description, for a change since the prior study (new,
-increased, decreased, unchanged, resolved), for hedging ("cannot be excluded", "may
-represent", "possible") and for negation ("No pneumothorax.", grouped "No focal
-consolidation, pleural effusion or pneumothorax."). Unrelated sentences (notification,
-recommendation) and numbered impressions occur as in MIMIC-CXR (Johnson et al., Sci Data
-2019).
+increased, slightly increased within one grade, decreased, unchanged, resolved), for
+hedging ("cannot be excluded", "may represent", "possible") and for negation ("No
+pneumothorax.", grouped "No focal consolidation, pleural effusion or pneumothorax.").
+Unrelated sentences (notification, recommendation) and numbered impressions occur as in
+MIMIC-CXR (Johnson et al., Sci Data 2019).
 
 Labels. Like the CheXpert labeler (Irvin et al., AAAI 2019) labels come from mentions,
 with one simplification: every label a sentence mentions takes that sentence's polarity
@@ -25,6 +25,7 @@ import textwrap
 
 import numpy as np
 
+from vlp.data.phantom.findings import level
 from vlp.data.schema import CHEXPERT_LABELS
 
 _LOBE_NAMES = {
@@ -86,6 +87,19 @@ _STABLE = [
     "{np} {is} unchanged.",
     "{np}, similar to ___.",
     "{np} {is} again seen.",
+]
+#: A change within one grade (the continuous level moved, the grade word did not).
+_SLIGHTLY_WORSE = [
+    "{np} {has} slightly increased since ___.",
+    "Slight interval increase in {core}, still {sev}.",
+    "{np}, minimally larger than on the prior study.",
+    "Mildly worsening {np}.",
+]
+_SLIGHTLY_BETTER = [
+    "{np} {has} slightly decreased since ___.",
+    "Slight interval decrease in {core}, still {sev}.",
+    "{np}, minimally smaller than on the prior study.",
+    "Mildly improving {np}.",
 ]
 _RESOLVED = [
     "Interval resolution of the previously seen {core}.",
@@ -500,9 +514,9 @@ def status_of(now: dict | None, before: dict | None, has_prior: bool) -> str:
         return "present"
     if before is None:
         return "new"
-    if now["severity"] > before["severity"]:
+    if level(now) > level(before):
         return "worsening"
-    if now["severity"] < before["severity"]:
+    if level(now) < level(before):
         return "improving"
     return "stable"
 
@@ -589,6 +603,10 @@ def write_report(
                 frames = _STATUS_FRAMES[st]
                 if section == "impression" and st == "present":
                     frames = ["{np}."]
+                elif st in ("worsening", "improving") and (
+                    f["severity"] == prior[kind]["severity"]
+                ):
+                    frames = _SLIGHTLY_WORSE if st == "worsening" else _SLIGHTLY_BETTER
                 text = _fill(_pick(rng, frames), slots, np_text)
             s = sentence(text, kind, pol, _labels_for(kind, f, text, pol))
             (body if section == "findings" else impression).append(s)
