@@ -147,8 +147,11 @@ def write_signal_figure(out_png, image_size: int = 256) -> Path:
     Row 1, the lateral-only finding: a small (severity-1) right effusion on the frontal and
     the lateral view, each beside its difference from the same view without it (the
     frontal difference is zero). Row 2, progression: the same frontal (same patient and
-    acquisition) with the effusion at severities 1, 2 and 3, labelled as a radiologist
-    comparing with the prior would (the MS-CXR-T classes), and the 3 − 1 difference.
+    acquisition) with the effusion at three continuous levels (``findings.level``): a prior
+    early in grade 2, a worsening within grade 2 (the report says "slightly increased",
+    the grade word stays "moderate"), a worsening to grade 3, each labelled as a
+    radiologist comparing with the prior would (the MS-CXR-T classes), and the difference
+    the within-grade worsening makes.
     """
     from vlp.data.phantom.acquisition import Acquisition
     from vlp.data.phantom.anatomy import Anatomy
@@ -156,11 +159,11 @@ def write_signal_figure(out_png, image_size: int = 256) -> Path:
 
     renderer = PatientRenderer(Anatomy(), image_size)
 
-    def effusion(severity: int) -> dict:
+    def effusion(severity: int, extent: float = 0.5) -> dict:
         if not severity:
             return {}
         finding = {"type": "pleural_effusion", "severity": severity, "side": "right"}
-        finding.update(lobe=None, params={"height": 1.0, "meniscus": 0.4})
+        finding.update(lobe=None, params={"height": 1.0, "meniscus": 0.4, "extent": extent})
         return {"pleural_effusion": finding}
 
     views = {"frontal": Acquisition(view="PA", noise=0.0), "lateral": Acquisition(view="LATERAL")}
@@ -179,13 +182,15 @@ def write_signal_figure(out_png, image_size: int = 256) -> Path:
         peak = float(np.abs(difference).max())
         axes[0, 2 * col + 1].set_title(f"{view}: with − without (max {peak:.0f})", fontsize=9)
     acq = views["frontal"]
-    series = [renderer.render("frontal", effusion(s), acq, 1.0)[0] for s in (1, 2, 3)]
-    labels = ["severity 1 (prior)", "2: worsening", "3: worsening"]
+    # (severity, extent): levels 1.6, 2.3 and 3.0.
+    course = [(2, 0.1), (2, 0.8), (3, 0.5)]
+    series = [renderer.render("frontal", effusion(*g), acq, 1.0)[0] for g in course]
+    labels = ["level 1.6, moderate (prior)", "2.3, moderate: worsening", "3.0, large: worsening"]
     for col, (image, label) in enumerate(zip(series, labels)):
         axes[1, col].imshow(image, cmap="gray", vmin=0, vmax=255)
-        axes[1, col].set_title(f"frontal, effusion {label}", fontsize=9)
-    axes[1, 3].imshow(series[2].astype(float) - series[0].astype(float), cmap="magma")
-    axes[1, 3].set_title("severity 3 − severity 1", fontsize=9)
+        axes[1, col].set_title(f"effusion {label}", fontsize=9)
+    axes[1, 3].imshow(series[1].astype(float) - series[0].astype(float), cmap="magma")
+    axes[1, 3].set_title("within grade 2: level 2.3 − 1.6", fontsize=9)
     for ax in axes.ravel():
         ax.axis("off")
     fig.suptitle("Phantom: a lateral-only finding, and progression the frontal shows", fontsize=11)
