@@ -75,6 +75,21 @@ def test_temporal_mean_macro_accuracy_is_the_mean_of_each_findings_balanced_accu
         mean_macro_accuracy(np.full((5, 2), -1), np.zeros((5, 2), int))
 
 
+def test_temporal_svm_folds_and_undefined_findings(rng):
+    """The fold count is the smallest present class (at most ``folds``); a finding with no
+    labelled pair, or one class only, is undefined, not a crash (a split without any
+    pneumonia pair raised numpy's empty-reduction error)."""
+    from vlp.evaluation.temporal import cross_validated_predictions
+
+    x = rng.normal(size=(9, 4))
+    y = np.array([0, 0, 0, 2, 2, 2, 2, 2, 2])  # no "stable" pair: two classes, 3 and 6
+    predicted, k, _ = cross_validated_predictions(x, y, folds=5, seed=0)
+    assert k == 3 and predicted.shape == y.shape and set(predicted) <= {0, 2}
+    for y_bad in (np.array([], dtype=int), np.array([1, 1, 1]), np.array([0, 0, 0, 2])):
+        with pytest.raises(metrics.MetricUndefined):
+            cross_validated_predictions(x[: y_bad.size], y_bad, folds=5, seed=0)
+
+
 def test_auroc_undefined_and_bad_labels():
     with pytest.raises(metrics.MetricUndefined):
         metrics.auroc([1, 1, 1], [0.1, 0.2, 0.3])
