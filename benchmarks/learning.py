@@ -63,7 +63,10 @@ evaluation phantom, AUROC with a bootstrap interval. A frontal-only encoder cann
 (chance, 0.5); only an encoder that reads the lateral can.
 
 ``--eval-only`` re-evaluates the arms' existing exports (temporal, lateral-only, local
-grounding) and keeps their other figures, for a change of the evaluation alone.
+grounding) and keeps their other figures, for a change of the evaluation alone. ``--set
+KEY=VALUE ...`` appends recipe overrides to every arm's (an ablation of all arms, e.g. the
+papers' 128-d joint space: ``--set model.embed_dim=128 model.local_dim=128`` into another
+``--out``); each arm's entry in ``learning.json`` records them.
 
 Liao et al.'s orderings to check: local MI grounds better than global MI and CLIP;
 local MI's edema ordinal AUCs are at least global MI's. Issue 13's: ``biovil_l`` grounds
@@ -264,6 +267,13 @@ def main() -> None:
     parser.add_argument("--eval-patients", type=int, default=600)
     parser.add_argument("--eval-seed", type=int, default=1, help="not 0 (the training phantom)")
     parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides applied to every arm after its own (an ablation of all arms)",
+    )
+    parser.add_argument(
         "--eval-only",
         action="store_true",
         help="re-evaluate the arms' exports (temporal, lateral-only, local grounding) only",
@@ -295,9 +305,11 @@ def main() -> None:
             entry = table[name]
             metrics, cis = dict(entry["metrics"]), dict(entry.get("intervals", {}))
             elapsed, chance = entry["elapsed_s"], entry.get("chance_R@5")
+            extra = entry.get("set", [])
         else:
             # Same steps for every arm whatever the load: no time limit.
-            overrides = [*ARMS[name], "train.time_limit_minutes=0"]
+            extra = list(args.set)
+            overrides = [*ARMS[name], *extra, "train.time_limit_minutes=0"]
             summary = run_demo(
                 out / name, minutes=args.minutes, extra_overrides=overrides, shards=shards
             )
@@ -346,6 +358,7 @@ def main() -> None:
             "elapsed_s": elapsed,
             "steps": p.steps,
             "chance_R@5": chance,
+            "set": extra,
         }
         saved.write_text(json.dumps(table, indent=2))
     header = (
