@@ -17,9 +17,10 @@ Continuous level. MS-CXR-T's progression findings (``CONTINUOUS_FINDINGS``: effu
 edema, consolidation, pneumothorax) also carry an ``extent`` in [0, 1) within their grade:
 the finding's ``level`` is severity + extent - 0.5, so grade g spans [g - 0.5, g + 0.5).
 They are drawn at their level, not only their grade, and their course is a walk of the
-level (steps of ``LEVEL_STEP``), so about half the changes stay within one grade. Like
-radiologists' "slightly increased" in MS-CXR-T (Bannur et al., CVPR 2023), such a change is
-seen by comparing the two images, not from either image's grade alone.
+level (steps of ``LEVEL_STEP``), so about two thirds of the changes stay within one grade
+(1622 of 2524 over 3000 simulated patients of 4 studies). Like radiologists' "slightly
+increased" in MS-CXR-T (Bannur et al., CVPR 2023), such a change is seen by comparing the
+two images, not from either image's grade alone.
 
 Appearance follows the radiographic signs (e.g. Felson's *Principles of Chest
 Roentgenology*): effusion fills the costophrenic angle first with a meniscus rising
