@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from vlp.data.phantom.acquisition import Acquisition, sample_acquisition
 from vlp.data.phantom.anatomy import Anatomy, sample_anatomy
-from vlp.data.phantom.findings import DEFAULT_PREVALENCE, FINDING_TYPES, level, sample_course
+from vlp.data.phantom.findings import DEFAULT_PREVALENCE, FINDING_TYPES, sample_course
 from vlp.data.phantom.render import PatientRenderer
 from vlp.data.phantom.reports import exam_name, status_of, write_report
 from vlp.data.phantom.tables import write_tables
@@ -112,25 +112,37 @@ def _ids(config: PhantomConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return subjects, studies.reshape(config.patients, config.max_studies), split
 
 
-def _level(findings: dict, name: str) -> float:
-    """Continuous level of an MS-CXR-T progression finding (0 when absent)."""
+def _progression_finding(findings: dict, name: str) -> dict | None:
+    """The finding behind an MS-CXR-T progression label (``None`` when absent): pneumonia is
+    an infectious consolidation."""
     if name == "pneumonia":
         f = findings.get("consolidation")
-        return level(f) if f is not None and f["params"].get("infectious") else 0.0
-    return level(findings.get(name))
+        return f if f is not None and f["params"].get("infectious") else None
+    return findings.get(name)
+
+
+#: MS-CXR-T label of each report status (``reports.status_of``): a new finding is worse, a
+#: resolved one better, and an absent one is not labelled.
+_LABEL_OF_STATUS = {
+    "new": "worsening",
+    "worsening": "worsening",
+    "stable": "stable",
+    "improving": "improving",
+    "resolved": "improving",
+    "absent": None,
+}
 
 
 def progression(now: dict, before: dict) -> dict[str, str | None]:
-    """MS-CXR-T labels of a study against its prior, from the change of each finding's
-    continuous level (``findings.level``): a change within one grade counts."""
-    out = {}
-    for name in PROGRESSION_FINDINGS:
-        a, b = _level(before, name), _level(now, name)
-        if a == 0 and b == 0:
-            out[name] = None
-        else:
-            out[name] = "worsening" if b > a else "improving" if b < a else "stable"
-    return out
+    """MS-CXR-T labels of a study against its prior, from the status its report states
+    (``reports.status_of``: the change of the finding's continuous level, so a change within
+    one grade counts), so that label and report cannot disagree."""
+    return {
+        name: _LABEL_OF_STATUS[
+            status_of(_progression_finding(now, name), _progression_finding(before, name), True)
+        ]
+        for name in PROGRESSION_FINDINGS
+    }
 
 
 def _study_views(rng, findings: dict, lateral_fraction: float) -> tuple[str, ...]:
