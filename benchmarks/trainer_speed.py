@@ -39,10 +39,8 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import logging
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -67,30 +65,17 @@ SMALL_CLIP = [
 def ensure_phantom_shards(
     work: Path, patients: int, shard_size: int = 50, seed: int = 0, priors: int = 0
 ) -> Path:
-    """Phantom studies (phantom ``seed``) converted at 256 px into ``work/shards`` (built
-    once per phantom version and settings, recorded in ``work/phantom.json``), with
-    ``priors`` prior studies per sample; returns train/."""
-    from vlp.data.phantom import PHANTOM_VERSION
+    """Phantom studies (phantom ``seed``) converted at 256 px into ``work/shards``, with
+    ``priors`` prior studies per sample, built once per phantom version and settings
+    (``vlp.data.phantom_cache.build_phantom_shards``); returns train/."""
+    from vlp.data.convert.api import ConvertOptions
+    from vlp.data.phantom import PhantomConfig
+    from vlp.data.phantom_cache import build_phantom_shards
 
-    shards, raw, record = work / "shards", work / "phantom", work / "phantom.json"
-    wanted = {"patients": patients, "seed": seed, "priors": priors, "version": PHANTOM_VERSION}
-    built = json.loads(record.read_text()) if record.is_file() else None
-    if built == wanted and (shards / "train" / "manifest.json").is_file():
-        return shards / "train"
-    from vlp.data.convert.api import ConvertOptions, convert_mimic
-    from vlp.data.phantom import PhantomConfig, generate
-
-    # Another version's (or unrecorded) phantom is rebuilt, not reused.
-    for old in (shards, raw):
-        shutil.rmtree(old, ignore_errors=True)
-    record.unlink(missing_ok=True)
-    print(f"building phantom shards: {patients} patients at 256 px into {shards}", flush=True)
-    generate(raw, PhantomConfig(patients=patients, seed=seed, image_size=256))
     workers = max(1, (os.cpu_count() or 1) - 1)  # the converter CLI's default
+    phantom_cfg = PhantomConfig(patients=patients, seed=seed, image_size=256, workers=workers)
     options = ConvertOptions(image_size=256, shard_size=shard_size, workers=workers, priors=priors)
-    convert_mimic(raw, shards, options, quiet=True)
-    record.write_text(json.dumps(wanted))
-    return shards / "train"
+    return build_phantom_shards(work, phantom_cfg, options) / "train"
 
 
 def draw_batches(cfg, tokenizer, count: int) -> list[dict]:

@@ -510,3 +510,60 @@ def test_preview_writes_png(dataset, tmp_path):
     png = write_preview(out, tmp_path / "p.png", n_studies=2)
     with Image.open(png) as im:
         assert im.size[0] > 300 and im.size[1] > 300
+
+
+def test_phantom_shards_are_built_once_per_settings(tmp_path, monkeypatch):
+    """``build_phantom_shards`` (the demo's and the benchmarks' phantoms): the same settings
+    reuse the folder untouched; another phantom seed, another ``PHANTOM_VERSION`` or a build
+    that never recorded its end rebuild it."""
+    import json
+
+    import vlp.data.phantom as phantom_package
+    from vlp.data.convert.api import ConvertOptions
+    from vlp.data.phantom_cache import RECORD, build_phantom_shards
+
+    options = ConvertOptions(image_size=64, priors=1, shard_size=20)
+    messages: list[str] = []
+
+    def build(seed: int) -> Path:
+        cfg = PhantomConfig(patients=4, seed=seed, image_size=64)
+        return build_phantom_shards(tmp_path, cfg, options, log=messages.append)
+
+    def studies(shards: Path) -> set[int]:
+        truth = read_truth(tmp_path / "phantom")
+        assert {str(r["study_id"]) for r in truth} >= {str(s) for s in _shard_study_ids(shards)}, (
+            "every shard sample comes from the phantom tree beside it"
+        )
+        return {r["study_id"] for r in truth}
+
+    shards = build(seed=5)
+    first = studies(shards)
+    stamp = {p: p.stat().st_mtime_ns for p in shards.rglob("*.tar")}
+    assert stamp and build(seed=5) == shards
+    assert {p: p.stat().st_mtime_ns for p in shards.rglob("*.tar")} == stamp
+    assert messages[-1].startswith("reusing"), messages
+
+    build(seed=6)
+    assert studies(shards).isdisjoint(first), "another seed: the folder is rebuilt"
+    assert json.loads((tmp_path / RECORD).read_text())["phantom"]["seed"] == 6
+
+    monkeypatch.setattr(phantom_package, "PHANTOM_VERSION", phantom_package.PHANTOM_VERSION + 1)
+    build(seed=6)
+    assert not messages[-1].startswith("reusing"), "a new phantom version rebuilds"
+    (tmp_path / RECORD).unlink()  # a build interrupted before its end
+    build(seed=6)
+    assert not messages[-1].startswith("reusing") and (tmp_path / RECORD).is_file()
+
+
+def _shard_study_ids(shards: Path) -> list[int]:
+    """Study ids of every sample in the shards, read with tarfile (not vlp's reader)."""
+    import json
+    import tarfile
+
+    ids = []
+    for tar in sorted(shards.rglob("*.tar")):
+        with tarfile.open(tar) as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".json"):
+                    ids.append(json.load(archive.extractfile(member))["study_id"])
+    return ids

@@ -34,7 +34,7 @@ def clip_export(tmp_path_factory, phantom_cache):
     overrides = [*SMALL, "model.embed_dim=32", "model.local_dim=32", "train.steps=2"]
     run_training(tmp, "clip", recipe=recipe, overrides=overrides, cache=phantom_cache)
     cfg = load_recipe(recipe, overrides)
-    raw = phantom_shards(cfg.data.phantom, cfg.data.priors, root=phantom_cache) / "raw"
+    raw = phantom_shards(cfg.data.phantom, cfg.data.priors, root=phantom_cache) / "phantom"
     images = sorted(glob.glob(str(raw / "files" / "*" / "*" / "*" / "*.jpg")))[:2]
     return export(tmp / "clip"), images, tmp
 

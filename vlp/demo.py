@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,41 +197,14 @@ def _check_lines(checks) -> list[str]:
 
 def _phantom_shards(out: Path, p: DemoPlan, t0: float) -> Path:
     """Stages 1–2: phantom tree and its shards under ``out`` (reused when unchanged)."""
-    from vlp.data.convert.api import (
-        ConversionError,
-        ConvertOptions,
-        convert_mimic,
-        describe_summary,
-    )
-    from vlp.data.phantom import PHANTOM_VERSION, PhantomConfig, generate, write_preview
+    from vlp.data.convert.api import ConvertOptions
+    from vlp.data.phantom import PhantomConfig
+    from vlp.data.phantom_cache import build_phantom_shards
 
-    _stage("1/5 phantom data", t0)
+    _stage("1-2/5 phantom data, converted to WebDataset shards (tools/make_shards.py mimic)", t0)
     phantom_cfg = PhantomConfig(patients=p.patients, seed=0, image_size=p.image_size, workers=2)
-    phantom_dir = out / "phantom"
-    marker = out / "phantom.done.json"
-    wanted = json.dumps(
-        {"patients": p.patients, "image_size": p.image_size, "seed": 0, "version": PHANTOM_VERSION}
-    )
-    if marker.is_file() and marker.read_text() == wanted:
-        print(f"reusing {phantom_dir}")
-    else:
-        shutil.rmtree(phantom_dir, ignore_errors=True)
-        shutil.rmtree(out / "shards", ignore_errors=True)
-        generate(phantom_dir, phantom_cfg)
-        write_preview(phantom_dir, out / "phantom_preview.png")
-        marker.write_text(wanted)
-
-    # 2. shards (the converter itself skips finished shards on a rerun)
-    _stage("2/5 convert to WebDataset shards (tools/make_shards.py mimic)", t0)
-    shards = out / "shards"
     options = ConvertOptions(image_size=p.image_size, priors=1, shard_size=100, workers=2)
-    try:
-        summary = convert_mimic(phantom_dir, shards, options)
-    except ConversionError as error:
-        raise RuntimeError(f"conversion failed: {error}") from error
-    print(describe_summary(summary, shards))
-
-    return shards
+    return build_phantom_shards(out, phantom_cfg, options, preview=out / "phantom_preview.png")
 
 
 def run_demo(
