@@ -353,3 +353,20 @@ def test_temporal(setup):
     for finding, matrix in results["confusion"].items():
         rows = [sum(row) for row in matrix]
         assert rows == list(results["counts"][finding].values()), finding
+    # The per-study predictions a paired comparison reads: scikit-learn's balanced accuracy
+    # of each finding's saved column is the reported macro-accuracy.
+    import numpy as np
+    from sklearn.metrics import balanced_accuracy_score
+
+    from vlp.evaluation.temporal import paired_difference
+
+    with np.load(out / "predictions.npz") as saved:
+        findings, targets, predicted = saved["findings"], saved["targets"], saved["predictions"]
+        assert len(saved["study_id"]) == results["samples"]
+    for column, finding in enumerate(findings):
+        if finding in results["folds"]:
+            rows = targets[:, column] >= 0
+            expected = balanced_accuracy_score(targets[rows, column], predicted[rows, column])
+            assert results["macro_accuracy"][finding]["value"] == pytest.approx(expected)
+    same = paired_difference(out, out, bootstrap=50)
+    assert same["value"] == 0 and same["ci"] == [0, 0]

@@ -75,6 +75,61 @@ def test_temporal_mean_macro_accuracy_is_the_mean_of_each_findings_balanced_accu
         mean_macro_accuracy(np.full((5, 2), -1), np.zeros((5, 2), int))
 
 
+def test_temporal_paired_difference_resamples_both_encoders_together(tmp_path, rng):
+    """``temporal.paired_difference`` of two encoders' saved predictions: the value is the
+    difference of the mean over findings of scikit-learn's balanced accuracy; the interval,
+    one bootstrap that resamples the studies of both together, is checked against a loop
+    that draws the same indices (``metrics.bootstrap_indices``) and reads the two encoders
+    from them; folders of other studies are refused."""
+    from vlp.evaluation.features import EvaluationInputError
+    from vlp.evaluation.temporal import PREDICTIONS, paired_difference
+
+    n, findings = 300, np.array(["edema", "pneumothorax"])
+    targets = rng.integers(0, 3, size=(n, 2))
+    targets[rng.random((n, 2)) < 0.3] = -1  # unlabelled for that finding
+    targets[:5] = -1  # studies without any label are left out
+    base = np.where(rng.random((n, 2)) < 0.5, targets, rng.integers(0, 3, size=(n, 2)))
+    better = np.where(rng.random((n, 2)) < 0.8, targets, base)
+    folders = []
+    for name, predicted in (("base", base), ("better", better)):
+        folder = tmp_path / name
+        folder.mkdir()
+        np.savez(
+            folder / PREDICTIONS,
+            study_id=np.arange(n) + 1000,
+            targets=targets,
+            predictions=np.where(targets >= 0, predicted, -1),
+            findings=findings,
+        )
+        folders.append(folder)
+
+    def mean_balanced(t, p):
+        return np.mean(
+            [balanced_accuracy_score(t[t[:, k] >= 0, k], p[t[:, k] >= 0, k]) for k in (0, 1)]
+        )
+
+    result = paired_difference(*folders, bootstrap=200, seed=3)
+    keep = (targets >= 0).any(1)
+    t, a, b = targets[keep], base[keep], better[keep]
+    assert result["value"] == pytest.approx(mean_balanced(t, b) - mean_balanced(t, a))
+    draws = [
+        mean_balanced(t[i], b[i]) - mean_balanced(t[i], a[i])
+        for i in metrics.bootstrap_indices(len(t), 200, 3)
+    ]
+    assert result["ci"] == pytest.approx(list(np.percentile(draws, [2.5, 97.5])))
+    assert result["ci"][0] > 0, "80 % against 50 % correct: the better encoder wins"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    with np.load(folders[0] / PREDICTIONS) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    np.savez(other / PREDICTIONS, **{**arrays, "study_id": arrays["study_id"] + 1})
+    with pytest.raises(EvaluationInputError, match="study_id differ"):
+        paired_difference(folders[0], other)
+    with pytest.raises(EvaluationInputError, match="missing"):
+        paired_difference(folders[0], tmp_path)
+
+
 def test_temporal_svm_folds_and_undefined_findings(rng):
     """The fold count is the smallest present class (at most ``folds``); a finding with no
     labelled pair, or one class only, is undefined, not a crash (a split without any

@@ -42,6 +42,10 @@ from vlp.evaluation.evaluators import TEMPORAL_EMBEDDINGS
 from vlp.evaluation.features import EvaluationInputError, cache_folder, extract_features
 from vlp.evaluation.report import Table, write_results
 
+#: per-study targets and out-of-fold predictions (-1: unlabelled or undefined), written
+#: beside ``results.json``.
+PREDICTIONS = "predictions.npz"
+
 
 def progression_targets(meta: list[dict], prior_mask: np.ndarray, finding: str):
     """Rows with a prior and a progression label for ``finding``, and class indices."""
@@ -206,6 +210,16 @@ def evaluate(
     )
     results["mean_macro_accuracy"] = mean["value"]
     results["mean_macro_accuracy_ci"] = mean["ci"]
+    # Per-study targets and out-of-fold predictions, so that two encoders evaluated on the
+    # same studies can be compared paired (``paired_difference``).
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        out / PREDICTIONS,
+        study_id=np.array([int(m["study_id"]) for m in feats.meta]),
+        targets=all_targets,
+        predictions=all_predicted,
+        findings=np.array(PROGRESSION_FINDINGS),
+    )
     rows.append(["mean", "", "", "", "", mean])
     tables = [
         Table(
@@ -224,3 +238,42 @@ def evaluate(
         results["figures"] = {"confusion": str(path)}
     write_results(out, results, "Temporal progression", tables)
     return results
+
+
+def paired_difference(baseline, other, *, bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Mean macro-accuracy of ``other`` minus ``baseline``, two ``vlp eval temporal`` output
+    folders of the same studies (two encoders on the same shards), with an interval from
+    one bootstrap over the studies that resamples both together.
+
+    Paired, the encoders' shared difficulty (which studies are hard) cancels, so the
+    interval of the difference is narrower than the two intervals side by side suggest;
+    it is the interval to read when asking whether one encoder beats the other.
+    """
+    loaded = []
+    for folder in (baseline, other):
+        path = Path(folder) / PREDICTIONS
+        if not path.is_file():
+            raise EvaluationInputError(
+                f"{path}: missing; run `vlp eval temporal` into {folder} (it writes the "
+                "per-study predictions a paired comparison needs)"
+            )
+        with np.load(path) as saved:
+            loaded.append({key: saved[key] for key in saved.files})
+    a, b = loaded
+    for key in ("study_id", "targets", "findings"):
+        if a[key].shape != b[key].shape or (a[key] != b[key]).any():
+            raise EvaluationInputError(
+                f"{baseline} and {other}: their {key} differ; a paired comparison needs both "
+                "encoders evaluated on the same shards"
+            )
+    labelled = (a["targets"] >= 0).any(1)
+    targets, base, new = (
+        a["targets"][labelled],
+        a["predictions"][labelled],
+        b["predictions"][labelled],
+    )
+
+    def difference(t, p_base, p_new):
+        return mean_macro_accuracy(t, p_new) - mean_macro_accuracy(t, p_base)
+
+    return metrics.with_ci(difference, targets, base, new, n_resamples=bootstrap, seed=seed)
