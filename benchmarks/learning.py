@@ -275,12 +275,12 @@ def paired_with_baseline(table: dict, out: Path, bootstrap: int) -> None:
     from vlp.evaluation.temporal import PREDICTIONS, paired_difference
 
     baseline = out / TEMPORAL_BASELINE / "eval" / "temporal"
+    if not (baseline / PREDICTIONS).is_file():
+        return
     for name, entry in table.items():
         folder = out / name / "eval" / "temporal"
         if name == TEMPORAL_BASELINE or not (folder / PREDICTIONS).is_file():
             continue
-        if not (baseline / PREDICTIONS).is_file():
-            break
         paired = paired_difference(baseline, folder, bootstrap=bootstrap)
         entry["metrics"][TEMPORAL_PAIRED] = paired["value"]
         entry.setdefault("intervals", {})[TEMPORAL_PAIRED] = paired["ci"]
